@@ -1,0 +1,223 @@
+"""HTTP routes: server, model, repository, inference (v2 and v1) and metrics routers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from service import __version__
+from service.config import Settings
+from service.dataplane import DataPlane
+from service.fastlane import answer_infer
+from service.metrics import CONTENT_TYPE, Metrics
+from service.repository import LoadedModel, Repository
+from service.schemas import (
+    ErrorBody,
+    IndexEntry,
+    IndexRequest,
+    InferRequestBody,
+    InferResponseBody,
+    LoadResult,
+    ModelMetadata,
+    ModelReadiness,
+    PredictRequestBody,
+    PredictResponseBody,
+    Readiness,
+    ServerMetadata,
+    TensorMetadata,
+)
+
+EXTENSIONS = ["model_repository", "binary_tensor_data", "server_timing"]
+
+
+def get_repository(request: Request) -> Repository:
+    return request.app.state.repository
+
+
+def get_dataplane(request: Request) -> DataPlane:
+    return request.app.state.dataplane
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+RepositoryDep = Annotated[Repository, Depends(get_repository)]
+DataPlaneDep = Annotated[DataPlane, Depends(get_dataplane)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 404, 413, 503, 504)
+}
+
+server = APIRouter(prefix="/v2", tags=["server"])
+models = APIRouter(prefix="/v2/models", tags=["models"], responses=ERRORS)
+repository = APIRouter(prefix="/v2/repository", tags=["repository"], responses=ERRORS)
+v1 = APIRouter(prefix="/v1", tags=["v1"], responses=ERRORS)
+metrics = APIRouter(tags=["metrics"])
+
+
+# -- server ----------------------------------------------------------------------------------
+@server.get("", response_model=ServerMetadata)
+def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="onnxserve", version=__version__, extensions=EXTENSIONS)
+
+
+@server.get("/health/live", response_model=Readiness)
+def live() -> Readiness:
+    return Readiness(ready=True)
+
+
+@server.get("/health/ready", response_model=Readiness, responses={503: {"model": Readiness}})
+def ready(repo: RepositoryDep) -> Any:
+    if repo.all_ready():
+        return Readiness(ready=True)
+    problems = [f"{e['name']}: {e['state']}" for e in repo.index() if e["state"] != "READY"]
+    body = Readiness(ready=False, error="; ".join(problems) or "models are loading")
+    return JSONResponse(body.model_dump(), status_code=503)
+
+
+# -- models ----------------------------------------------------------------------------------
+def _metadata(repo: Repository, model: LoadedModel) -> ModelMetadata:
+    config = model.config
+    params: dict[str, Any] = {
+        "task": config.task,
+        "provider": model.runtime.provider,
+        "intra_op_threads": model.runtime.threads,
+        "io_binding": model.runtime.io_binding,
+        "instance_count": model.instances,
+        "batching": model.batching.model_dump(),
+    }
+    if model.runtime.fallback_reason:
+        params["fallback_reason"] = model.runtime.fallback_reason
+    for extra in ("labels", "threshold", "normalization"):
+        value = getattr(config, extra)
+        if value is not None:
+            params[extra] = value.model_dump() if hasattr(value, "model_dump") else value
+
+    def tensors(specs: list) -> list[TensorMetadata]:
+        return [TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in specs]
+
+    return ModelMetadata(
+        name=config.name,
+        versions=[str(v) for v in sorted(repo.loaded.get(config.name, {}))],
+        platform=config.platform,
+        inputs=tensors(config.inputs),
+        outputs=tensors(config.outputs),
+        parameters=params,
+    )
+
+
+@models.get("/{model}", response_model=ModelMetadata)
+def model_metadata(model: str, repo: RepositoryDep) -> ModelMetadata:
+    return _metadata(repo, repo.get(model))
+
+
+@models.get("/{model}/versions/{version}", response_model=ModelMetadata)
+def version_metadata(model: str, version: str, repo: RepositoryDep) -> ModelMetadata:
+    return _metadata(repo, repo.get(model, version))
+
+
+def _readiness(repo: Repository, model: str, version: str | None) -> ModelReadiness:
+    loaded = repo.get(model, version)  # raises 404 / 503 with the reason
+    return ModelReadiness(name=model, version=str(loaded.version), ready=True)
+
+
+@models.get("/{model}/ready", response_model=ModelReadiness)
+def model_ready(model: str, repo: RepositoryDep) -> ModelReadiness:
+    return _readiness(repo, model, None)
+
+
+@models.get("/{model}/versions/{version}/ready", response_model=ModelReadiness)
+def version_ready(model: str, version: str, repo: RepositoryDep) -> ModelReadiness:
+    return _readiness(repo, model, version)
+
+
+# -- inference (served by the fast lane when it is on; same code path) ------------------------
+_INFER_DOC: dict[str, Any] = {
+    "requestBody": {
+        "content": {
+            "application/json": {"schema": InferRequestBody.model_json_schema()},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "JSON header + binary tensors (Inference-Header-Content-Length).",
+            },
+        },
+        "required": True,
+    }
+}
+
+
+async def _infer(request: Request, kind: str, model: str, version: str | None) -> Response:
+    answer = await answer_infer(
+        request.app.state.dataplane, kind, model, version,
+        {k.lower(): v for k, v in request.headers.items()}, request.receive,
+        request.app.state.settings.max_body_bytes,
+    )  # fmt: skip
+    if answer is None:  # the client went away
+        return Response(status_code=499)
+    return Response(answer.body, status_code=answer.status, headers=answer.headers)
+
+
+@models.post(
+    "/{model}/infer", response_model=InferResponseBody, openapi_extra=_INFER_DOC,
+    summary="Run inference (Open Inference Protocol v2, JSON or binary tensors)",
+)  # fmt: skip
+async def infer(model: str, request: Request) -> Response:
+    return await _infer(request, "v2", model, None)
+
+
+@models.post(
+    "/{model}/versions/{version}/infer", response_model=InferResponseBody,
+    openapi_extra=_INFER_DOC, summary="Run inference on one version",
+)  # fmt: skip
+async def infer_version(model: str, version: str, request: Request) -> Response:
+    return await _infer(request, "v2", model, version)
+
+
+_PREDICT_DOC: dict[str, Any] = {
+    "requestBody": {
+        "content": {"application/json": {"schema": PredictRequestBody.model_json_schema()}},
+        "required": True,
+    }
+}
+
+
+@v1.post("/models/{model}:predict", response_model=PredictResponseBody, openapi_extra=_PREDICT_DOC)
+async def predict(model: str, request: Request) -> Response:
+    """Task-level predictions: labels and probabilities, anomaly flags, or forecasts."""
+    return await _infer(request, "v1", model, None)
+
+
+# -- repository extension --------------------------------------------------------------------
+@repository.post("/index", response_model=list[IndexEntry])
+def repository_index(repo: RepositoryDep, body: IndexRequest | None = None) -> list[IndexEntry]:
+    entries = [IndexEntry(**e) for e in repo.index()]
+    if body is not None and body.ready is not None:
+        entries = [e for e in entries if (e.state == "READY") == body.ready]
+    return entries
+
+
+@repository.post("/models/{model}/load", response_model=LoadResult)
+async def load_model(model: str, repo: RepositoryDep) -> LoadResult:
+    loaded = await repo.load(model)
+    state = "READY" if all(m.ready for m in loaded) else "UNAVAILABLE"
+    return LoadResult(name=model, versions=[str(m.version) for m in loaded], state=state)
+
+
+@repository.post("/models/{model}/unload", response_model=LoadResult)
+async def unload_model(model: str, repo: RepositoryDep) -> LoadResult:
+    await repo.unload(model)
+    return LoadResult(name=model, versions=[], state="UNLOADED")
+
+
+# -- metrics ---------------------------------------------------------------------------------
+@metrics.get("/metrics", response_class=Response)
+def prometheus(request: Request) -> Response:
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.render(), media_type=CONTENT_TYPE)
+
+
+ROUTERS = (server, models, repository, v1, metrics)

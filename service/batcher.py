@@ -1,0 +1,261 @@
+"""Per-model dynamic batcher: merges requests along the batch axis and runs them off the loop.
+
+Contract for `run`: given a dict of input arrays whose first axis holds N rows, return a dict of
+output arrays whose first axis holds the same N rows in the same order. `run` executes in a
+worker thread (ONNX Runtime releases the GIL), never on the event loop.
+
+Dispatch rule: a batch leaves as soon as an instance is free and either nothing else is in flight
+(an idle batcher runs a lone request at once), `max_batch_size` rows are waiting, or the oldest
+request has waited `max_queue_delay_ms`. Only requests whose inputs agree in name, dtype and
+non-batch shape are merged; online requests go before background (batch-job) work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import QueueFull, QueueTimeout, Unavailable
+
+Arrays = dict[str, np.ndarray]
+ONLINE, BACKGROUND = 0, 1
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """One request's rows of the outputs, and where its time went."""
+
+    outputs: Arrays
+    batch_size: int
+    queue_s: float
+    compute_s: float
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """A request waiting for its batch."""
+
+    inputs: Arrays
+    rows: int
+    key: tuple
+    future: asyncio.Future
+    enqueued: float
+    deadline: float
+    taken: bool = False
+
+
+@dataclass
+class BatchStats:
+    """Callbacks the batcher reports to (metrics); all optional."""
+
+    on_batch: Callable[[int, float], None] | None = None  # (rows, compute seconds)
+    on_depth: Callable[[int], None] | None = None  # pending requests
+
+
+def batch_key(inputs: Arrays) -> tuple:
+    """Requests may share a batch only if their inputs agree in name, dtype and non-batch shape."""
+    return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items()))
+
+
+@dataclass
+class Batcher:
+    """Dynamic batcher over one model version (see the module docstring for the rules)."""
+
+    run: Callable[[Arrays], Arrays]
+    executor: Executor
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 0.0
+    max_queue_size: int = 1024
+    timeout_ms: float = 10_000.0
+    instances: int = 1
+    stats: BatchStats = field(default_factory=BatchStats)
+
+    def __post_init__(self) -> None:
+        self._queues: tuple[deque[Pending], deque[Pending]] = (deque(), deque())
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.instances)
+        self._inflight = 0
+        self._closed = False
+        self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not yet taken into a batch)."""
+        return len(self._queues[0]) + len(self._queues[1])
+
+    def start(self) -> None:
+        """Start the dispatch loop on the running event loop."""
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def close(self) -> None:
+        """Refuse new work, finish everything accepted, then stop."""
+        self._closed = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def submit(
+        self, inputs: Arrays, priority: int = ONLINE, timeout_ms: float | None = None
+    ) -> BatchResult:
+        """Queue one request and wait for its rows; QueueFull, QueueTimeout or Unavailable."""
+        if self._closed:
+            raise Unavailable("model is being unloaded; retry shortly")
+        if self.depth >= self.max_queue_size:
+            raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
+        rows = next(iter(inputs.values())).shape[0]
+        now = time.perf_counter()
+        timeout_s = (timeout_ms if timeout_ms is not None else self.timeout_ms) / 1000
+        item = Pending(
+            inputs,
+            rows,
+            batch_key(inputs),
+            asyncio.get_running_loop().create_future(),
+            now,
+            now + timeout_s,
+        )
+        self._queues[priority].append(item)
+        self._depth_changed()
+        self._wakeup.set()
+        try:
+            done, _ = await asyncio.wait((item.future,), timeout=timeout_s)
+            if not done and not item.taken:
+                self._drop(item)
+                raise QueueTimeout(
+                    f"request waited over {timeout_s * 1000:.0f} ms in the queue and was not run"
+                )
+            return await item.future  # taken into a batch: compute is bounded, wait for it
+        except asyncio.CancelledError:
+            if not item.taken:  # client gone before compute: never run it
+                self._drop(item)
+            raise
+
+    def _drop(self, item: Pending) -> None:
+        for queue in self._queues:
+            try:
+                queue.remove(item)
+                break
+            except ValueError:
+                continue
+        self._depth_changed()
+
+    def _depth_changed(self) -> None:
+        if self.stats.on_depth:
+            self.stats.on_depth(self.depth)
+
+    def _waiting_rows(self) -> int:
+        return sum(p.rows for q in self._queues for p in q)
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.depth:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._slots.acquire()
+            if self._inflight and self.max_queue_delay_ms > 0:
+                await self._fill()
+            batch = self._take()
+            if not batch:
+                self._slots.release()
+                continue
+            self._inflight += 1
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _fill(self) -> None:
+        """Wait until max_batch_size rows are queued or the oldest has waited the delay."""
+        oldest = min((q[0].enqueued for q in self._queues if q), default=time.perf_counter())
+        deadline = oldest + self.max_queue_delay_ms / 1000
+        while self._waiting_rows() < self.max_batch_size and not self._closed:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), left)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[Pending]:
+        """Pop the oldest live request and every later one that fits beside it."""
+        now = time.perf_counter()
+        batch: list[Pending] = []
+        rows, key = 0, None
+        for queue in self._queues:
+            kept: deque[Pending] = deque()
+            while queue:
+                item = queue.popleft()
+                if item.future.done():  # cancelled or timed out while queued
+                    continue
+                if now > item.deadline:
+                    item.future.set_exception(
+                        QueueTimeout("request timed out in the queue and was not run")
+                    )
+                    continue
+                if key is None:  # the head always goes, even when larger than a batch
+                    key, rows = item.key, item.rows
+                    batch.append(item)
+                elif item.key == key and rows + item.rows <= self.max_batch_size:
+                    rows += item.rows
+                    batch.append(item)
+                else:
+                    kept.append(item)
+                if rows >= self.max_batch_size:
+                    break
+            kept.extend(queue)
+            queue.clear()
+            queue.extend(kept)
+        for item in batch:
+            item.taken = True
+        self._depth_changed()
+        return batch
+
+    async def _execute(self, batch: list[Pending]) -> None:
+        start = time.perf_counter()
+        rows = sum(p.rows for p in batch)
+        try:
+            if len(batch) == 1:
+                inputs = batch[0].inputs
+            else:
+                inputs = {
+                    name: np.concatenate([p.inputs[name] for p in batch])
+                    for name in batch[0].inputs
+                }
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(self.executor, self.run, inputs)
+            bad = {n: a.shape[0] for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != rows}
+            if bad:
+                raise RuntimeError(
+                    f"model returned {bad} rows for a batch of {rows}: outputs must keep the "
+                    "batch axis first, one row per input row, in order"
+                )
+        except Exception as exc:  # every caller of this batch learns of the failure
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        finally:
+            self._inflight -= 1
+            self._slots.release()
+            self._wakeup.set()
+        compute = time.perf_counter() - start
+        if self.stats.on_batch:
+            self.stats.on_batch(rows, compute)
+        offset = 0
+        for item in batch:
+            part = {n: a[offset : offset + item.rows] for n, a in outputs.items()}
+            offset += item.rows
+            if not item.future.done():
+                item.future.set_result(BatchResult(part, rows, start - item.enqueued, compute))

@@ -1,0 +1,97 @@
+"""The `onnxserve` command: build, serve (and more as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _build(args: argparse.Namespace) -> int:
+    from export.build import MODEL_NAMES, build_repository  # torch is imported only here
+
+    names = [m.strip() for m in args.models.split(",")] if args.models else list(MODEL_NAMES)
+    unknown = sorted(set(names) - set(MODEL_NAMES))
+    if unknown:
+        print(f"unknown model(s) {unknown}; choose from {list(MODEL_NAMES)}", file=sys.stderr)
+        return 2
+    results = build_repository(args.repository, names, force=args.force, quick=args.quick)
+    for r in results:
+        status = "up to date" if r.get("skipped") else f"built in {r.get('seconds', 0):.1f}s"
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in (r.get("metrics") or {}).items())
+        print(f"{r['name']} v{r['version']}: {status}  {metrics}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.config import get_settings
+
+    settings = get_settings(
+        repository=args.repository,
+        host=args.host,
+        port=args.port,
+        models=args.models.split(",") if args.models else None,
+        providers=args.providers.split(",") if args.providers else None,
+        intra_op_threads=args.threads,
+        require_gpu=True if args.require_gpu else None,
+        batching=False if args.no_batching else None,
+        max_body_bytes=args.max_body_bytes,
+        log_level=args.log_level,
+    )
+    if not settings.repository.is_dir():
+        where = settings.repository
+        print(f"no model repository at {where}: run `onnxserve build`", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=args.access_log,
+        loop="auto",
+        http="auto",
+    )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to document the CLI)."""
+    p = argparse.ArgumentParser(prog="onnxserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="train and export models into the repository")
+    b.add_argument("--repository", type=Path, default=Path("model_repository"))
+    b.add_argument("--models", help="comma-separated subset (default: all)")
+    b.add_argument("--force", action="store_true", help="retrain even if up to date")
+    b.add_argument("--quick", action="store_true", help="few epochs (smoke tests)")
+    b.set_defaults(func=_build)
+
+    s = sub.add_parser("serve", help="serve the repository over HTTP (env: ONNXSERVE_*)")
+    s.add_argument("--repository", type=Path)
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--models", help="comma-separated models to load (default: all)")
+    s.add_argument("--providers", help="e.g. CUDAExecutionProvider,CPUExecutionProvider")
+    s.add_argument("--threads", type=int, help="intra-op threads per session (0 = auto)")
+    s.add_argument("--require-gpu", action="store_true")
+    s.add_argument("--no-batching", action="store_true", help="run each request on its own")
+    s.add_argument("--max-body-bytes", type=int)
+    s.add_argument("--log-level")
+    s.add_argument("--access-log", action="store_true")
+    s.set_defaults(func=_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `onnxserve` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

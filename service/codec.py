@@ -1,0 +1,218 @@
+"""Open Inference Protocol v2 codec: JSON tensors and Triton's binary tensor extension.
+
+Pure functions over bytes and NumPy arrays; nothing here knows HTTP or models.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from service.errors import BadRequest
+from service.model_config import DATATYPES
+
+#: OIP datatype -> NumPy dtype, and back.
+NP_TYPES: dict[str, np.dtype] = {k: np.dtype(v) for k, v in DATATYPES.items()}
+OIP_TYPES: dict[np.dtype, str] = {v: k for k, v in NP_TYPES.items()}
+
+HEADER_LENGTH = "inference-header-content-length"
+_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    """An output the client asked for, and whether it wants it as binary data."""
+
+    name: str
+    binary: bool
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """A decoded v2 request: named input arrays plus the request's metadata."""
+
+    inputs: dict[str, np.ndarray]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[RequestedOutput] | None = None
+    binary_output: bool = False
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The OIP datatype of an array (BadRequest for a dtype the protocol has no name for)."""
+    try:
+        return OIP_TYPES[array.dtype]
+    except KeyError:
+        raise BadRequest(f"no Open Inference Protocol datatype for dtype {array.dtype}") from None
+
+
+def _loads(raw: bytes | memoryview, what: str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON in {what}: {exc}") from None
+
+
+def _shape(spec: dict[str, Any], name: str) -> tuple[int, ...]:
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise BadRequest(f"input '{name}': 'shape' must be a list of non-negative integers")
+    return tuple(shape)
+
+
+def _dtype(spec: dict[str, Any], name: str) -> np.dtype:
+    datatype = spec.get("datatype")
+    if datatype not in NP_TYPES:
+        supported = ", ".join(NP_TYPES)
+        raise BadRequest(
+            f"input '{name}': unsupported datatype {datatype!r} (supported: {supported})"
+        )
+    return NP_TYPES[datatype]
+
+
+def _json_tensor(spec: dict[str, Any], name: str, dtype: np.dtype, shape: tuple[int, ...]):
+    if "data" not in spec:
+        raise BadRequest(f"input '{name}': no 'data' and no binary_data_size")
+    try:
+        array = np.asarray(spec["data"], dtype=dtype)
+    except (ValueError, TypeError, OverflowError):
+        raise BadRequest(
+            f"input '{name}': 'data' must hold {spec['datatype']} numbers only"
+        ) from None
+    count = int(np.prod(shape))
+    if array.size != count:
+        raise BadRequest(
+            f"input '{name}': shape {list(shape)} needs {count} elements, data has {array.size}"
+        )
+    return array.reshape(shape)
+
+
+def _binary_tensor(raw: memoryview, name: str, dtype: np.dtype, shape: tuple[int, ...]):
+    count = int(np.prod(shape))
+    if len(raw) != count * dtype.itemsize:
+        raise BadRequest(
+            f"input '{name}': shape {list(shape)} of {dtype.name} needs "
+            f"{count * dtype.itemsize} bytes, binary_data_size gives {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def decompress(body: bytes, encoding: str | None) -> bytes:
+    """Undo a request's Content-Encoding (gzip or deflate, as tritonclient may send)."""
+    if not encoding or encoding == "identity":
+        return body
+    try:
+        if encoding == "gzip":
+            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+    except zlib.error as exc:
+        raise BadRequest(f"body is not valid {encoding} data: {exc}") from None
+    raise BadRequest(f"unsupported Content-Encoding {encoding!r} (use gzip or deflate)")
+
+
+def decode_request(body: bytes, header_length: str | None = None) -> InferRequest:
+    """Decode a v2 infer request: pure JSON, or a JSON header followed by binary tensors."""
+    view = memoryview(body)
+    if header_length is None:
+        head, rest = view, view[len(view) :]
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise BadRequest("Inference-Header-Content-Length must be an integer") from None
+        if not 0 < n <= len(view):
+            raise BadRequest(
+                f"Inference-Header-Content-Length {n} is outside the body of {len(view)} bytes"
+            )
+        head, rest = view[:n], view[n:]
+    doc = _loads(head, "request body")
+    if not isinstance(doc, dict):
+        raise BadRequest("request body must be a JSON object")
+    specs = doc.get("inputs")
+    if not isinstance(specs, list) or not specs:
+        raise BadRequest("request needs a non-empty 'inputs' list")
+
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for spec in specs:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise BadRequest("each input needs a 'name'")
+        name = spec["name"]
+        if name in inputs:
+            raise BadRequest(f"input '{name}' given twice")
+        shape, dtype = _shape(spec, name), _dtype(spec, name)
+        size = (spec.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            inputs[name] = _json_tensor(spec, name, dtype, shape)
+            continue
+        if type(size) is not int or size < 0 or offset + size > len(rest):
+            raise BadRequest(f"input '{name}': binary_data_size {size!r} overruns the body")
+        inputs[name] = _binary_tensor(rest[offset : offset + size], name, dtype, shape)
+        offset += size
+    if offset != len(rest):
+        raise BadRequest(f"{len(rest) - offset} bytes of binary data belong to no input")
+
+    parameters = doc.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("'parameters' must be an object")
+    binary_all = bool(parameters.get("binary_data_output", False))
+    outputs = None
+    if doc.get("outputs") is not None:
+        if not isinstance(doc["outputs"], list):
+            raise BadRequest("'outputs' must be a list")
+        outputs = []
+        for out in doc["outputs"]:
+            if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+                raise BadRequest("each requested output needs a 'name'")
+            binary = (out.get("parameters") or {}).get("binary_data", binary_all)
+            outputs.append(RequestedOutput(out["name"], bool(binary)))
+    request_id = doc.get("id")
+    return InferRequest(
+        inputs=inputs,
+        id=None if request_id is None else str(request_id),
+        parameters=parameters,
+        outputs=outputs,
+        binary_output=binary_all,
+    )
+
+
+def encode_response(
+    model: str,
+    version: str,
+    outputs: list[tuple[str, np.ndarray, bool]],
+    request_id: str | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, int | None]:
+    """Encode (name, array, binary?) outputs; returns the body and the JSON header's length.
+
+    The header length is None when every output went as JSON (a plain JSON body).
+    """
+    doc: dict[str, Any] = {"model_name": model, "model_version": version}
+    if request_id is not None:
+        doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = parameters
+    tensors, blobs = [], []
+    for name, array, binary in outputs:
+        tensor: dict[str, Any] = {
+            "name": name,
+            "datatype": datatype_of(array),
+            "shape": list(array.shape),
+        }
+        if binary:
+            blob = np.ascontiguousarray(array).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = np.ascontiguousarray(array).ravel()
+        tensors.append(tensor)
+    doc["outputs"] = tensors
+    head = orjson.dumps(doc, option=_JSON_OPTS)
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)

@@ -1,0 +1,71 @@
+"""Service settings: one pydantic-settings object (env prefix `ONNXSERVE_`), built on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BatchingOverride(BaseModel):
+    """Per-model batching knobs; a field left unset keeps the model config's value."""
+
+    max_batch_size: int | None = Field(default=None, ge=1)
+    max_queue_delay_ms: float | None = Field(default=None, ge=0)
+    max_queue_size: int | None = Field(default=None, ge=1)
+    timeout_ms: float | None = Field(default=None, gt=0)
+    instance_count: int | None = Field(default=None, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told, from flags or `ONNXSERVE_*` environment variables.
+
+    `ONNXSERVE_MODEL_OVERRIDES='{"cnn": {"max_batch_size": 8}}'` overrides one model's batching.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ONNXSERVE_", extra="ignore")
+
+    repository: Path = Path("model_repository")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    models: list[str] | None = Field(
+        default=None, description="Models to load at start-up (default: every model found)."
+    )
+    version_policy: Literal["latest", "all"] = "latest"
+
+    providers: list[str] | None = Field(
+        default=None,
+        description="Execution providers in order of preference (default: TensorRT, CUDA, CPU, "
+        "filtered by what onnxruntime offers).",
+    )
+    require_gpu: bool = False
+    intra_op_threads: int = Field(default=0, ge=0, description="0 sizes threads to the cores.")
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    device_id: int = Field(default=0, ge=0)
+
+    batching: bool = Field(default=True, description="False runs every request on its own.")
+    default_batching: BatchingOverride = Field(default_factory=BatchingOverride)
+    model_overrides: dict[str, BatchingOverride] = Field(default_factory=dict)
+
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    fast_lane: bool = Field(
+        default=True, description="Serve infer routes through the thin ASGI lane (same codec)."
+    )
+    jobs_root: Path | None = Field(
+        default=None, description="Batch-scoring jobs may read and write only under this folder."
+    )
+    log_level: str = "info"
+
+    def batching_for(self, model: str) -> BatchingOverride:
+        """The overrides for one model: its own entry over the server-wide defaults."""
+        merged = self.default_batching.model_dump(exclude_none=True)
+        own = self.model_overrides.get(model, BatchingOverride())
+        merged.update(own.model_dump(exclude_none=True))
+        return BatchingOverride(**merged)
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, with explicit overrides (e.g. CLI flags) on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,238 @@
+"""decode -> validate -> batch -> encode, for the v2 and v1 infer routes. Knows nothing of HTTP.
+
+Every call returns an `Answer` (status, headers, body); errors come back as answers too, counted
+in the metrics by reason, so the transport only has to write bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from service import postprocess
+from service.batcher import ONLINE, BatchResult
+from service.codec import HEADER_LENGTH, NP_TYPES, decode_request, decompress, encode_response
+from service.errors import BadRequest, Cancelled, ServeError, error_body
+from service.model_config import ModelConfig
+from service.repository import LoadedModel, Repository
+
+log = logging.getLogger(__name__)
+JSON = "application/json"
+#: Request parameters that steer the protocol; the rest are echoed back.
+_PROTOCOL_PARAMETERS = {"binary_data_output", "timeout"}
+
+
+@dataclass(slots=True)
+class Answer:
+    """What to send back."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def error_answer(exc: ServeError) -> Answer:
+    """An error as an Answer with the protocol's JSON body."""
+    return Answer(exc.status, error_body(exc.message), {"content-type": JSON, **exc.headers})
+
+
+def validate_inputs(config: ModelConfig, inputs: dict[str, np.ndarray]) -> int:
+    """Check names, datatypes, ranks and fixed dimensions against the config; returns the rows."""
+    specs = {s.name: s for s in config.inputs}
+    unknown = [n for n in inputs if n not in specs]
+    if unknown:
+        raise BadRequest(
+            f"unknown input '{unknown[0]}'; model '{config.name}' takes: {', '.join(specs)}"
+        )
+    missing = [n for n in specs if n not in inputs]
+    if missing:
+        raise BadRequest(f"missing input '{missing[0]}' for model '{config.name}'")
+    rows = None
+    for name, array in inputs.items():
+        spec = specs[name]
+        if array.dtype != NP_TYPES.get(spec.datatype):
+            got = next(k for k, v in NP_TYPES.items() if v == array.dtype)
+            raise BadRequest(
+                f"input '{name}' has datatype {got}; model '{config.name}' takes {spec.datatype}"
+            )
+        if array.ndim != len(spec.shape):
+            raise BadRequest(
+                f"input '{name}' has rank {array.ndim} (shape {list(array.shape)}); "
+                f"model '{config.name}' expects rank {len(spec.shape)} (shape {spec.shape})"
+            )
+        for axis, (want, got_dim) in enumerate(zip(spec.shape, array.shape, strict=True)):
+            if axis and want != -1 and want != got_dim:
+                raise BadRequest(
+                    f"input '{name}' dimension {axis} is {got_dim}; model '{config.name}' "
+                    f"expects {want} (shape {spec.shape}, -1 = any)"
+                )
+        if array.shape[0] < 1:
+            raise BadRequest(f"input '{name}' has an empty batch dimension")
+        if rows is not None and array.shape[0] != rows:
+            raise BadRequest("all inputs must have the same batch dimension (first axis)")
+        rows = array.shape[0]
+    return rows or 0
+
+
+def _timing(result: BatchResult, total_s: float) -> str:
+    return (
+        f"queue;dur={result.queue_s * 1000:.3f}, compute;dur={result.compute_s * 1000:.3f}, "
+        f"total;dur={total_s * 1000:.3f}"
+    )
+
+
+def _as_serve_error(exc: Exception) -> ServeError:
+    """ONNX Runtime refusing an input (e.g. a window too short) is the caller's error; anything
+    else is ours, logged in full and answered with a fixed message."""
+    if isinstance(exc, ServeError):
+        return exc
+    if type(exc).__module__.startswith("onnxruntime"):
+        return BadRequest(f"the model could not run on this input: {exc}")
+    log.error("internal error during inference", exc_info=exc)
+    return ServeError("internal server error")
+
+
+class DataPlane:
+    """The infer routes' logic over a Repository."""
+
+    def __init__(self, repository: Repository) -> None:
+        self.repository = repository
+
+    def _failed(self, name: str, version: str | None, exc: ServeError) -> Answer:
+        versions = self.repository.loaded.get(name)
+        if versions:  # unknown names stay out of the metrics' labels
+            label = version if version in {str(v) for v in versions} else str(max(versions))
+            self.repository.metrics.failure.labels(name, label, exc.reason).inc()
+        return error_answer(exc)
+
+    def cancelled(self, name: str, version: str | None) -> None:
+        """Count a request whose client disconnected before it was answered."""
+        self._failed(name, version, Cancelled("client disconnected"))
+
+    async def infer_v2(
+        self, name: str, version: str | None, body: bytes, headers: dict[str, str]
+    ) -> Answer:
+        """POST /v2/models/{name}[/versions/{version}]/infer."""
+        start = time.perf_counter()
+        try:
+            model = self.repository.get(name, version)
+            request = decode_request(
+                decompress(body, headers.get("content-encoding")), headers.get(HEADER_LENGTH)
+            )
+            validate_inputs(model.config, request.inputs)
+            wanted = self._wanted_outputs(model.config, request)
+            timeout = request.parameters.get("timeout")  # Triton: microseconds
+            timeout_ms = None
+            if isinstance(timeout, int | float) and timeout > 0:
+                timeout_ms = min(timeout / 1000, model.batching.timeout_ms)
+            result = await model.batcher.submit(request.inputs, ONLINE, timeout_ms)
+            params = {k: v for k, v in request.parameters.items() if k not in _PROTOCOL_PARAMETERS}
+            params.update(
+                batch_size=result.batch_size,
+                provider=model.runtime.provider,
+                queue_ms=round(result.queue_s * 1000, 3),
+                compute_ms=round(result.compute_s * 1000, 3),
+            )
+            out, header_len = encode_response(
+                name,
+                str(model.version),
+                [(n, result.outputs[n], binary) for n, binary in wanted],
+                request.id,
+                params,
+            )
+        except Exception as exc:
+            return self._failed(name, version, _as_serve_error(exc))
+        total = time.perf_counter() - start
+        self._succeeded(model, result, total)
+        answer_headers = {"server-timing": _timing(result, total)}
+        if header_len is None:
+            answer_headers["content-type"] = JSON
+        else:
+            answer_headers["content-type"] = "application/octet-stream"
+            answer_headers["inference-header-content-length"] = str(header_len)
+        return Answer(200, out, answer_headers)
+
+    @staticmethod
+    def _wanted_outputs(config: ModelConfig, request: Any) -> list[tuple[str, bool]]:
+        names = [o.name for o in config.outputs]
+        if request.outputs is None:
+            return [(n, request.binary_output) for n in names]
+        for out in request.outputs:
+            if out.name not in names:
+                raise BadRequest(
+                    f"unknown output '{out.name}'; model '{config.name}' has: {', '.join(names)}"
+                )
+        return [(o.name, o.binary) for o in request.outputs]
+
+    def _succeeded(self, model: LoadedModel, result: BatchResult, total_s: float) -> None:
+        m = model.metrics
+        m.success.inc()
+        m.request_duration.observe(total_s)
+        m.queue_duration.observe(result.queue_s)
+
+    async def predict_v1(self, name: str, version: str | None, body: bytes) -> Answer:
+        """POST /v1/models/{name}:predict with {"instances": [...]}."""
+        start = time.perf_counter()
+        try:
+            model = self.repository.get(name, version)
+            inputs = v1_inputs(model.config, body)
+            validate_inputs(model.config, inputs)
+            result = await model.batcher.submit(inputs, ONLINE)
+            columns = postprocess.predictions(model.config, result.outputs)
+            out = orjson.dumps(
+                {
+                    "predictions": postprocess.as_instances(columns),
+                    "model_name": name,
+                    "model_version": str(model.version),
+                }
+            )
+        except Exception as exc:
+            return self._failed(name, version, _as_serve_error(exc))
+        total = time.perf_counter() - start
+        self._succeeded(model, result, total)
+        return Answer(200, out, {"content-type": JSON, "server-timing": _timing(result, total)})
+
+
+def v1_inputs(config: ModelConfig, body: bytes) -> dict[str, np.ndarray]:
+    """Stack `{"instances": [...]}` into input arrays; an instance is a row or a dict of them."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON in request body: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
+        raise BadRequest('request body must be {"instances": [...]}')
+    instances = doc["instances"]
+    if not instances:
+        raise BadRequest("'instances' is empty")
+    inputs = {}
+    for spec in config.inputs:
+        if isinstance(instances[0], dict):
+            try:
+                column = [inst[spec.name] for inst in instances]
+            except (KeyError, TypeError):
+                raise BadRequest(f"every instance needs the input '{spec.name}'") from None
+        elif len(config.inputs) == 1:
+            column = instances
+        else:
+            raise BadRequest(f"model '{config.name}' has several inputs: give instances as dicts")
+        dtype = NP_TYPES[spec.datatype]
+        try:
+            rows = [np.asarray(row, dtype=dtype) for row in column]
+        except (ValueError, TypeError, OverflowError):
+            raise BadRequest(f"'instances' must hold {spec.datatype} numbers only") from None
+        if len({r.size for r in rows}) != 1:
+            raise BadRequest(f"instances of '{spec.name}' differ in size: give equal-sized rows")
+        row_shape = [d for d in spec.shape[1:]]
+        try:
+            inputs[spec.name] = np.stack(rows).reshape([len(rows), *row_shape])
+        except ValueError:
+            raise BadRequest(
+                f"an instance of '{spec.name}' has {rows[0].size} values; "
+                f"it cannot be shaped as {spec.shape[1:]} (-1 = any)"
+            ) from None
+    return inputs

@@ -1,0 +1,70 @@
+"""The fast lane: infer routes served by a bare ASGI callable in front of FastAPI.
+
+FastAPI's per-request machinery costs more than the model on CPU (see docs/architecture.md), so
+`POST .../infer` and `:predict` skip it here. Same routes, codec, dataplane and error bodies as the
+FastAPI versions in `api.py`, which stay in the OpenAPI schema and serve when the lane is off.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.dataplane import Answer, DataPlane, error_answer
+from service.errors import ServeError
+from service.transport import read_body, run_watching, send_answer
+
+INFER = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+PREDICT = re.compile(r"^/v1/models/(?P<model>[^/:]+)(?:/versions/(?P<version>[^/:]+))?:predict$")
+
+
+async def answer_infer(
+    dataplane: DataPlane,
+    kind: str,
+    model: str,
+    version: str | None,
+    headers: dict[str, str],
+    receive: Any,
+    max_body: int,
+) -> Answer | None:
+    """Read the body and infer; None when the client went away first. Shared with `api.py`."""
+    try:
+        body = await read_body(receive, max_body, headers.get("content-length"))
+    except ServeError as exc:
+        return error_answer(exc)
+    if kind == "v2":
+        work = dataplane.infer_v2(model, version, body, headers)
+    else:
+        work = dataplane.predict_v1(model, version, body)
+    answer = await run_watching(work, receive)
+    if answer is None:
+        dataplane.cancelled(model, version)
+    return answer
+
+
+class FastLane:
+    """ASGI middleware that answers the infer routes itself and passes everything else on."""
+
+    def __init__(self, app: ASGIApp, dataplane: DataPlane, max_body: int) -> None:
+        self.app = app
+        self.dataplane = dataplane
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            match, kind = INFER.match(path), "v2"
+            if match is None:
+                match, kind = PREDICT.match(path), "v1"
+            if match is not None:
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+                answer = await answer_infer(
+                    self.dataplane, kind, match["model"], match["version"], headers, receive,
+                    self.max_body,
+                )  # fmt: skip
+                if answer is not None:
+                    await send_answer(send, answer)
+                return
+        await self.app(scope, receive, send)

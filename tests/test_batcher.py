@@ -1,0 +1,214 @@
+"""The dynamic batcher with a fake model: merging, splitting, ordering, refusals."""
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batcher import BACKGROUND, ONLINE, Batcher
+from service.errors import QueueFull, QueueTimeout, Unavailable
+
+pytestmark = pytest.mark.unit
+
+
+class FakeModel:
+    """Doubles its input; records every batch it ran; can be held to let a queue build up."""
+
+    def __init__(self, delay: float = 0.0):
+        self.calls: list[int] = []
+        self.seen: list[np.ndarray] = []
+        self.delay = delay
+        self.gate = threading.Event()
+        self.gate.set()
+        self.threads: set[str] = set()
+
+    def __call__(self, inputs):
+        self.gate.wait(5)
+        self.threads.add(threading.current_thread().name)
+        x = inputs["x"]
+        self.calls.append(x.shape[0])
+        self.seen.append(x.copy())
+        if self.delay:
+            time.sleep(self.delay)
+        return {"y": x * 2, "n": x.sum(axis=tuple(range(1, x.ndim)))}
+
+
+def make(model, **kw) -> Batcher:
+    b = Batcher(run=model, executor=ThreadPoolExecutor(2), **kw)
+    b.start()
+    return b
+
+
+def row(value: float, width: int = 3) -> dict:
+    return {"x": np.full((1, width), value, np.float32)}
+
+
+async def test_every_caller_gets_its_own_rows_and_batches_merge():
+    model = FakeModel(delay=0.01)
+    b = make(model, max_batch_size=16)
+    results = await asyncio.gather(*(b.submit(row(i)) for i in range(64)))
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r.outputs["y"], np.full((1, 3), 2 * i, np.float32))
+        assert r.outputs["n"].tolist() == [3 * i]
+    assert sum(model.calls) == 64
+    assert len(model.calls) < 64, "requests were never merged"
+    assert max(model.calls) <= 16
+    assert max(r.batch_size for r in results) > 1
+    assert "MainThread" not in model.threads
+    await b.close()
+
+
+async def test_multi_row_requests_count_all_rows_and_split_exactly():
+    model = FakeModel(delay=0.01)
+    b = make(model, max_batch_size=8)
+    sizes = [1, 3, 5, 2, 7, 4]
+    reqs = [
+        {"x": np.arange(n * 2, dtype=np.float32).reshape(n, 2) + 100 * k}
+        for k, n in enumerate(sizes)
+    ]
+    results = await asyncio.gather(*(b.submit(r) for r in reqs))
+    for req, res in zip(reqs, results, strict=True):
+        np.testing.assert_array_equal(res.outputs["y"], req["x"] * 2)
+    assert all(c <= 8 for c in model.calls)
+    await b.close()
+
+
+async def test_oversized_request_runs_alone_instead_of_failing():
+    model = FakeModel()
+    b = make(model, max_batch_size=4)
+    big = {"x": np.ones((10, 2), np.float32)}
+    res = await b.submit(big)
+    assert res.outputs["y"].shape == (10, 2) and model.calls == [10]
+    await b.close()
+
+
+async def test_different_shapes_are_never_merged():
+    model = FakeModel()
+    model.gate.clear()
+    b = make(model, max_batch_size=64)
+    first = asyncio.ensure_future(b.submit(row(0, width=5)))
+    await asyncio.sleep(0.02)  # the first batch is now held inside the model
+    tasks = [asyncio.ensure_future(b.submit(row(i, width=3 + i % 3))) for i in range(30)]
+    await asyncio.sleep(0.02)
+    model.gate.set()
+    results = await asyncio.gather(first, *tasks)
+    for batch in model.seen:
+        assert len({batch.shape[1]}) == 1
+    widths = sorted(b_.shape[1] for b_ in model.seen[1:])
+    assert widths == [3, 4, 5], f"expected one merged batch per width, got {widths}"
+    for i, r in enumerate(results[1:]):
+        assert r.outputs["y"].shape == (1, 3 + i % 3)
+    await b.close()
+
+
+async def test_idle_batcher_does_not_wait_for_the_delay():
+    model = FakeModel()
+    b = make(model, max_batch_size=32, max_queue_delay_ms=500)
+    t0 = time.perf_counter()
+    await b.submit(row(1))
+    assert time.perf_counter() - t0 < 0.25
+    await b.close()
+
+
+async def test_full_queue_refuses_at_once_with_retry_after():
+    model = FakeModel()
+    model.gate.clear()
+    b = make(model, max_batch_size=1, max_queue_size=2)
+    running = asyncio.ensure_future(b.submit(row(0)))
+    await asyncio.sleep(0.02)
+    queued = [asyncio.ensure_future(b.submit(row(i))) for i in (1, 2)]
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull) as info:
+        await b.submit(row(3))
+    assert info.value.status == 503 and info.value.headers["Retry-After"]
+    model.gate.set()
+    await asyncio.gather(running, *queued)
+    assert model.calls == [1, 1, 1]
+    await b.close()
+
+
+async def test_queue_timeout_is_504_and_never_runs():
+    model = FakeModel()
+    model.gate.clear()
+    b = make(model, max_batch_size=1)
+    running = asyncio.ensure_future(b.submit(row(0)))
+    await asyncio.sleep(0.02)
+    with pytest.raises(QueueTimeout) as info:
+        await b.submit(row(42), timeout_ms=30)
+    assert info.value.status == 504
+    model.gate.set()
+    await running
+    await b.close()
+    assert all(42 not in s for s in model.seen)
+
+
+async def test_cancelled_request_is_dropped_before_compute():
+    model = FakeModel()
+    model.gate.clear()
+    b = make(model, max_batch_size=1)
+    running = asyncio.ensure_future(b.submit(row(0)))
+    await asyncio.sleep(0.02)
+    doomed = asyncio.ensure_future(b.submit(row(7)))
+    await asyncio.sleep(0.01)
+    doomed.cancel()
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    await running
+    after = await b.submit(row(8))
+    assert after.outputs["y"][0, 0] == 16
+    await b.close()
+    assert all(7 not in s for s in model.seen)
+
+
+async def test_online_requests_go_before_background_work():
+    model = FakeModel()
+    model.gate.clear()
+    b = make(model, max_batch_size=1)
+    first = asyncio.ensure_future(b.submit(row(0)))
+    await asyncio.sleep(0.02)
+    order = []
+
+    async def go(value, priority):
+        await b.submit(row(value), priority)
+        order.append(priority)
+
+    tasks = [asyncio.ensure_future(go(i, BACKGROUND)) for i in range(3)]
+    await asyncio.sleep(0)
+    tasks += [asyncio.ensure_future(go(i, ONLINE)) for i in range(3)]
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    await asyncio.gather(first, *tasks)
+    assert order == [ONLINE] * 3 + [BACKGROUND] * 3
+    await b.close()
+
+
+async def test_wrong_row_count_fails_every_caller_with_the_contract():
+    def broken(inputs):
+        return {"y": inputs["x"][:1]}
+
+    b = make(broken, max_batch_size=8)
+    with pytest.raises(RuntimeError, match="one row per input row"):
+        await b.submit({"x": np.ones((3, 2), np.float32)})
+    await b.close()
+
+
+async def test_close_finishes_accepted_work_then_refuses():
+    model = FakeModel(delay=0.005)
+    b = make(model, max_batch_size=2)
+    tasks = [asyncio.ensure_future(b.submit(row(i))) for i in range(10)]
+    await asyncio.sleep(0)
+    await b.close()
+    assert len(await asyncio.gather(*tasks)) == 10
+    with pytest.raises(Unavailable):
+        await b.submit(row(1))
+
+
+async def test_delay_fills_batches_when_instances_are_busy():
+    model = FakeModel(delay=0.02)
+    b = make(model, max_batch_size=8, max_queue_delay_ms=15, instances=2)
+    await asyncio.gather(*(b.submit(row(i)) for i in range(24)))
+    assert len(model.calls) < 24
+    await b.close()
