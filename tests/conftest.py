@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-REPOSITORY = ROOT / "model_repository"
+REPOSITORY = Path(os.environ.get("ONNXSERVE_TEST_REPOSITORY", ROOT / "model_repository"))
 MODELS = ("cnn", "lstm", "autoencoder")
 
 
