@@ -9,7 +9,7 @@ ifeq ($(GPU),1)
 else
   ORT_EXTRA := cpu
 endif
-EXTRAS := $(ORT_EXTRA),train,score,loadtest,test
+EXTRAS := $(ORT_EXTRA),train,score,loadtest,ray,test
 
 .PHONY: setup build serve test lint format clean
 

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from service import __version__
 from service.api import ROUTERS
@@ -15,6 +16,17 @@ from service.errors import install_error_handlers
 from service.fastlane import FastLane
 from service.metrics import Metrics
 from service.repository import Repository
+
+
+class OnnxServe(FastAPI):
+    """FastAPI, with the fast lane consulted before any of FastAPI's per-request machinery."""
+
+    fast_lane: FastLane | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_lane is not None and await self.fast_lane.handle(scope, receive, send):
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -30,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await repository.close()
 
-    app = FastAPI(
+    app = OnnxServe(
         title="onnxserve",
         version=__version__,
         summary="ONNX models over the Open Inference Protocol v2, with dynamic batching.",
@@ -44,5 +56,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     if settings.fast_lane:
-        app.add_middleware(FastLane, dataplane=dataplane, max_body=settings.max_body_bytes)
+        app.fast_lane = FastLane(dataplane, settings.max_body_bytes)
     return app

@@ -112,31 +112,33 @@ class Batcher:
         if self.depth >= self.max_queue_size:
             raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
         rows = next(iter(inputs.values())).shape[0]
+        loop = asyncio.get_running_loop()
         now = time.perf_counter()
         timeout_s = (timeout_ms if timeout_ms is not None else self.timeout_ms) / 1000
-        item = Pending(
-            inputs,
-            rows,
-            batch_key(inputs),
-            asyncio.get_running_loop().create_future(),
-            now,
-            now + timeout_s,
-        )
+        item = Pending(inputs, rows, batch_key(inputs), loop.create_future(), now, now + timeout_s)
         self._queues[priority].append(item)
         self._depth_changed()
         self._wakeup.set()
+        timer = loop.call_later(timeout_s, self._expire, item)
         try:
-            done, _ = await asyncio.wait((item.future,), timeout=timeout_s)
-            if not done and not item.taken:
-                self._drop(item)
-                raise QueueTimeout(
-                    f"request waited over {timeout_s * 1000:.0f} ms in the queue and was not run"
-                )
-            return await item.future  # taken into a batch: compute is bounded, wait for it
+            return await item.future
         except asyncio.CancelledError:
             if not item.taken:  # client gone before compute: never run it
                 self._drop(item)
             raise
+        finally:
+            timer.cancel()
+
+    def _expire(self, item: Pending) -> None:
+        """Timer: a request still queued at its deadline gets 504 and is never run."""
+        if not item.taken and not item.future.done():
+            self._drop(item)
+            item.future.set_exception(
+                QueueTimeout(
+                    f"request waited over {(item.deadline - item.enqueued) * 1000:.0f} ms "
+                    "in the queue and was not run"
+                )
+            )
 
     def _drop(self, item: Pending) -> None:
         for queue in self._queues:

@@ -58,6 +58,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delegate(module: str) -> object:
+    """A subcommand whose parser lives with its feature (imported only when used)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(args.rest)
+
+    return run
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser (also used to document the CLI)."""
     p = argparse.ArgumentParser(prog="onnxserve", description=__doc__)
@@ -83,6 +94,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level")
     s.add_argument("--access-log", action="store_true")
     s.set_defaults(func=_serve)
+
+    for name, module, text in (
+        ("score", "service.scoring.cli", "score a file through a model (offline, remote or Ray)"),
+        ("loadtest", "loadtests.cli", "run Locust headless and write a report with plots"),
+    ):
+        d = sub.add_parser(name, help=text, add_help=False)
+        d.add_argument("rest", nargs=argparse.REMAINDER)
+        d.set_defaults(func=_delegate(module))
     return p
 
 

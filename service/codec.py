@@ -5,6 +5,7 @@ Pure functions over bytes and NumPy arrays; nothing here knows HTTP or models.
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,13 +78,17 @@ def _dtype(spec: dict[str, Any], name: str) -> np.dtype:
 def _json_tensor(spec: dict[str, Any], name: str, dtype: np.dtype, shape: tuple[int, ...]):
     if "data" not in spec:
         raise BadRequest(f"input '{name}': no 'data' and no binary_data_size")
+    data = spec["data"]
     try:
-        array = np.asarray(spec["data"], dtype=dtype)
+        if isinstance(data, list) and data and not isinstance(data[0], list):
+            array = np.fromiter(data, dtype=dtype, count=len(data))  # flat: the common case
+        else:
+            array = np.asarray(data, dtype=dtype)
     except (ValueError, TypeError, OverflowError):
         raise BadRequest(
             f"input '{name}': 'data' must hold {spec['datatype']} numbers only"
         ) from None
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     if array.size != count:
         raise BadRequest(
             f"input '{name}': shape {list(shape)} needs {count} elements, data has {array.size}"
@@ -92,7 +97,7 @@ def _json_tensor(spec: dict[str, Any], name: str, dtype: np.dtype, shape: tuple[
 
 
 def _binary_tensor(raw: memoryview, name: str, dtype: np.dtype, shape: tuple[int, ...]):
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     if len(raw) != count * dtype.itemsize:
         raise BadRequest(
             f"input '{name}': shape {list(shape)} of {dtype.name} needs "

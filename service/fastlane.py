@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from service.dataplane import Answer, DataPlane, error_answer
 from service.errors import ServeError
@@ -45,26 +45,26 @@ async def answer_infer(
 
 
 class FastLane:
-    """ASGI middleware that answers the infer routes itself and passes everything else on."""
+    """Answers the infer routes itself; `handle` returns False for every other request."""
 
-    def __init__(self, app: ASGIApp, dataplane: DataPlane, max_body: int) -> None:
-        self.app = app
+    def __init__(self, dataplane: DataPlane, max_body: int) -> None:
         self.dataplane = dataplane
         self.max_body = max_body
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path = scope["path"]
-            match, kind = INFER.match(path), "v2"
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Serve `scope` if it is an infer route; False leaves it to FastAPI."""
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return False
+        path = scope["path"]
+        match, kind = INFER.match(path), "v2"
+        if match is None:
+            match, kind = PREDICT.match(path), "v1"
             if match is None:
-                match, kind = PREDICT.match(path), "v1"
-            if match is not None:
-                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-                answer = await answer_infer(
-                    self.dataplane, kind, match["model"], match["version"], headers, receive,
-                    self.max_body,
-                )  # fmt: skip
-                if answer is not None:
-                    await send_answer(send, answer)
-                return
-        await self.app(scope, receive, send)
+                return False
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        answer = await answer_infer(
+            self.dataplane, kind, match["model"], match["version"], headers, receive, self.max_body
+        )
+        if answer is not None:
+            await send_answer(send, answer)
+        return True
