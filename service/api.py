@@ -156,8 +156,6 @@ async def _infer(request: Request, kind: str, model: str, version: str | None) -
         {k.lower(): v for k, v in request.headers.items()}, request.receive,
         request.app.state.settings.max_body_bytes,
     )  # fmt: skip
-    if answer is None:  # the client went away
-        return Response(status_code=499)
     return Response(answer.body, status_code=answer.status, headers=answer.headers)
 
 

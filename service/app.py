@@ -14,6 +14,8 @@ from service.config import Settings, get_settings
 from service.dataplane import DataPlane
 from service.errors import install_error_handlers
 from service.fastlane import FastLane
+from service.jobs import JobManager
+from service.jobs_api import router as jobs_router
 from service.metrics import Metrics
 from service.repository import Repository
 
@@ -35,11 +37,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     repository = Repository(settings, metrics)
     dataplane = DataPlane(repository)
+    jobs = JobManager(settings, repository)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await repository.load_all()
+        await jobs.resume()  # jobs live at the last stop go on from their manifests
         yield
+        await jobs.stop()  # before the batchers close; live jobs stay live for the next start
         await repository.close()
 
     app = OnnxServe(
@@ -52,9 +57,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.repository = repository
     app.state.dataplane = dataplane
+    app.state.jobs = jobs
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(jobs_router)
     if settings.fast_lane:
         app.fast_lane = FastLane(dataplane, settings.max_body_bytes)
     return app

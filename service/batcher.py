@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import QueueFull, QueueTimeout, Unavailable
+from service.errors import Cancelled, QueueFull, QueueTimeout, Unavailable
 
 Arrays = dict[str, np.ndarray]
 ONLINE, BACKGROUND = 0, 1
@@ -47,6 +47,7 @@ class Pending:
     future: asyncio.Future
     enqueued: float
     deadline: float
+    gone: Callable[[], bool] | None = None
     taken: bool = False
 
 
@@ -55,7 +56,6 @@ class BatchStats:
     """Callbacks the batcher reports to (metrics); all optional."""
 
     on_batch: Callable[[int, float], None] | None = None  # (rows, compute seconds)
-    on_depth: Callable[[int], None] | None = None  # pending requests
 
 
 def batch_key(inputs: Arrays) -> tuple:
@@ -83,6 +83,7 @@ class Batcher:
         self._inflight = 0
         self._closed = False
         self._task: asyncio.Task | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._running: set[asyncio.Task] = set()
 
     @property
@@ -92,7 +93,8 @@ class Batcher:
 
     def start(self) -> None:
         """Start the dispatch loop on the running event loop."""
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        self._event_loop = asyncio.get_running_loop()
+        self._task = self._event_loop.create_task(self._loop(), name="batcher")
 
     async def close(self) -> None:
         """Refuse new work, finish everything accepted, then stop."""
@@ -104,20 +106,29 @@ class Batcher:
             await asyncio.gather(*self._running, return_exceptions=True)
 
     async def submit(
-        self, inputs: Arrays, priority: int = ONLINE, timeout_ms: float | None = None
+        self,
+        inputs: Arrays,
+        priority: int = ONLINE,
+        timeout_ms: float | None = None,
+        gone: Callable[[], bool] | None = None,
     ) -> BatchResult:
-        """Queue one request and wait for its rows; QueueFull, QueueTimeout or Unavailable."""
+        """Queue one request and wait for its rows; QueueFull, QueueTimeout or Unavailable.
+
+        `gone()` is asked just before the request would join a batch: True (the client went
+        away) drops it uncomputed with Cancelled.
+        """
         if self._closed:
             raise Unavailable("model is being unloaded; retry shortly")
         if self.depth >= self.max_queue_size:
             raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
         rows = next(iter(inputs.values())).shape[0]
-        loop = asyncio.get_running_loop()
+        loop = self._event_loop
+        assert loop is not None, "Batcher.start() was not called"
         now = time.perf_counter()
         timeout_s = (timeout_ms if timeout_ms is not None else self.timeout_ms) / 1000
-        item = Pending(inputs, rows, batch_key(inputs), loop.create_future(), now, now + timeout_s)
+        future = loop.create_future()
+        item = Pending(inputs, rows, batch_key(inputs), future, now, now + timeout_s, gone)
         self._queues[priority].append(item)
-        self._depth_changed()
         self._wakeup.set()
         timer = loop.call_later(timeout_s, self._expire, item)
         try:
@@ -147,11 +158,6 @@ class Batcher:
                 break
             except ValueError:
                 continue
-        self._depth_changed()
-
-    def _depth_changed(self) -> None:
-        if self.stats.on_depth:
-            self.stats.on_depth(self.depth)
 
     def _waiting_rows(self) -> int:
         return sum(p.rows for q in self._queues for p in q)
@@ -172,7 +178,7 @@ class Batcher:
                 self._slots.release()
                 continue
             self._inflight += 1
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            task = self._event_loop.create_task(self._execute(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -201,6 +207,9 @@ class Batcher:
                 item = queue.popleft()
                 if item.future.done():  # cancelled or timed out while queued
                     continue
+                if item.gone is not None and item.gone():
+                    item.future.set_exception(Cancelled("client disconnected before compute"))
+                    continue
                 if now > item.deadline:
                     item.future.set_exception(
                         QueueTimeout("request timed out in the queue and was not run")
@@ -221,7 +230,6 @@ class Batcher:
             queue.extend(kept)
         for item in batch:
             item.taken = True
-        self._depth_changed()
         return batch
 
     async def _execute(self, batch: list[Pending]) -> None:
@@ -235,8 +243,7 @@ class Batcher:
                     name: np.concatenate([p.inputs[name] for p in batch])
                     for name in batch[0].inputs
                 }
-            loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self.executor, self.run, inputs)
+            outputs = await self._event_loop.run_in_executor(self.executor, self.run, inputs)
             bad = {n: a.shape[0] for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != rows}
             if bad:
                 raise RuntimeError(

@@ -52,6 +52,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=args.access_log,
+        proxy_headers=False,
+        server_header=False,
         loop="auto",
         http="auto",
     )

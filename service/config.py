@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     jobs_root: Path | None = Field(
         default=None, description="Batch-scoring jobs may read and write only under this folder."
     )
+    jobs_concurrency: int = Field(default=1, ge=1, description="Batch-scoring jobs run at once.")
     log_level: str = "info"
 
     def batching_for(self, model: str) -> BatchingOverride:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ import orjson
 from service import postprocess
 from service.batcher import ONLINE, BatchResult
 from service.codec import HEADER_LENGTH, NP_TYPES, decode_request, decompress, encode_response
-from service.errors import BadRequest, Cancelled, ServeError, error_body
+from service.errors import BadRequest, ServeError, error_body
 from service.model_config import ModelConfig
 from service.repository import LoadedModel, Repository
 
@@ -110,12 +111,13 @@ class DataPlane:
             self.repository.metrics.failure.labels(name, label, exc.reason).inc()
         return error_answer(exc)
 
-    def cancelled(self, name: str, version: str | None) -> None:
-        """Count a request whose client disconnected before it was answered."""
-        self._failed(name, version, Cancelled("client disconnected"))
-
     async def infer_v2(
-        self, name: str, version: str | None, body: bytes, headers: dict[str, str]
+        self,
+        name: str,
+        version: str | None,
+        body: bytes,
+        headers: dict[str, str],
+        gone: Callable[[], bool] | None = None,
     ) -> Answer:
         """POST /v2/models/{name}[/versions/{version}]/infer."""
         start = time.perf_counter()
@@ -130,7 +132,7 @@ class DataPlane:
             timeout_ms = None
             if isinstance(timeout, int | float) and timeout > 0:
                 timeout_ms = min(timeout / 1000, model.batching.timeout_ms)
-            result = await model.batcher.submit(request.inputs, ONLINE, timeout_ms)
+            result = await model.batcher.submit(request.inputs, ONLINE, timeout_ms, gone)
             params = {k: v for k, v in request.parameters.items() if k not in _PROTOCOL_PARAMETERS}
             params.update(
                 batch_size=result.batch_size,
@@ -175,14 +177,16 @@ class DataPlane:
         m.request_duration.observe(total_s)
         m.queue_duration.observe(result.queue_s)
 
-    async def predict_v1(self, name: str, version: str | None, body: bytes) -> Answer:
+    async def predict_v1(
+        self, name: str, version: str | None, body: bytes, gone: Callable[[], bool] | None = None
+    ) -> Answer:
         """POST /v1/models/{name}:predict with {"instances": [...]}."""
         start = time.perf_counter()
         try:
             model = self.repository.get(name, version)
             inputs = v1_inputs(model.config, body)
             validate_inputs(model.config, inputs)
-            result = await model.batcher.submit(inputs, ONLINE)
+            result = await model.batcher.submit(inputs, ONLINE, None, gone)
             columns = postprocess.predictions(model.config, result.outputs)
             out = orjson.dumps(
                 {

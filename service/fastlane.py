@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.dataplane import Answer, DataPlane, error_answer
 from service.errors import ServeError
-from service.transport import read_body, run_watching, send_answer
+from service.transport import disconnect_probe, read_body, send_answer
 
 INFER = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 PREDICT = re.compile(r"^/v1/models/(?P<model>[^/:]+)(?:/versions/(?P<version>[^/:]+))?:predict$")
@@ -28,20 +28,16 @@ async def answer_infer(
     headers: dict[str, str],
     receive: Any,
     max_body: int,
-) -> Answer | None:
-    """Read the body and infer; None when the client went away first. Shared with `api.py`."""
+) -> Answer:
+    """Read the body and infer (shared with `api.py`)."""
     try:
         body = await read_body(receive, max_body, headers.get("content-length"))
     except ServeError as exc:
         return error_answer(exc)
+    gone = disconnect_probe(receive)
     if kind == "v2":
-        work = dataplane.infer_v2(model, version, body, headers)
-    else:
-        work = dataplane.predict_v1(model, version, body)
-    answer = await run_watching(work, receive)
-    if answer is None:
-        dataplane.cancelled(model, version)
-    return answer
+        return await dataplane.infer_v2(model, version, body, headers, gone)
+    return await dataplane.predict_v1(model, version, body, gone)
 
 
 class FastLane:
@@ -65,6 +61,5 @@ class FastLane:
         answer = await answer_infer(
             self.dataplane, kind, match["model"], match["version"], headers, receive, self.max_body
         )
-        if answer is not None:
-            await send_answer(send, answer)
+        await send_answer(send, answer)
         return True

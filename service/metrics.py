@@ -129,6 +129,6 @@ class ModelMetrics:
 
     def remove(self) -> None:
         """Forget this version's gauges once it is unloaded."""
-        self.pending.set(0)
+        self.pending.set_function(lambda: 0)
         if self.provider_name:
             self.metrics.provider.remove(*self.labels, self.provider_name)

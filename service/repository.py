@@ -267,8 +267,9 @@ class Repository:
             max_queue_size=batching.max_queue_size,
             timeout_ms=batching.timeout_ms,
             instances=instances,
-            stats=BatchStats(on_batch=metrics.batch, on_depth=metrics.pending.set),
+            stats=BatchStats(on_batch=metrics.batch),
         )
+        metrics.pending.set_function(lambda: batcher.depth)
         return LoadedModel(
             config.name, version, config, batching, instances, runtime, batcher, metrics, executor
         )

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from service.dataplane import Answer
-from service.errors import PayloadTooLarge
+from service.errors import Cancelled, PayloadTooLarge
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -24,7 +24,7 @@ async def read_body(receive: Receive, limit: int, content_length: str | None) ->
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client disconnected while sending the body")
+            raise Cancelled("client disconnected while sending the body")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -34,38 +34,26 @@ async def read_body(receive: Receive, limit: int, content_length: str | None) ->
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _until_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+def disconnect_probe(receive: Receive) -> Callable[[], bool]:
+    """A cheap, synchronous "has the client gone?" for a request whose body was read.
 
-
-async def run_watching(work: Awaitable[Answer], receive: Receive) -> Answer | None:
-    """Await `work`, but cancel it if the client disconnects first (then return None).
-
-    Cancelling drops a request that is still queued before it is computed.
+    It steps `receive()` once: servers answer an already-closed connection without suspending
+    (uvicorn does), so a coroutine that finishes at once with `http.disconnect` means gone; one
+    that would wait means the client is still there (it is closed, not awaited).
     """
-    current = asyncio.current_task()
-    assert current is not None
-    gone = False
 
-    def on_disconnect(task: asyncio.Task) -> None:
-        nonlocal gone
-        if not task.cancelled() and task.exception() is None:
-            gone = True
-            current.cancel()
+    def gone() -> bool:
+        step = receive()
+        try:
+            step.send(None)  # type: ignore[attr-defined]
+        except StopIteration as done:
+            return bool(done.value and done.value.get("type") == "http.disconnect")
+        except Exception:
+            return False
+        step.close()  # type: ignore[attr-defined]
+        return False
 
-    watcher = asyncio.get_running_loop().create_task(_until_disconnect(receive))
-    watcher.add_done_callback(on_disconnect)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if gone:
-            current.uncancel()
-            return None
-        raise
-    finally:
-        watcher.remove_done_callback(on_disconnect)
-        watcher.cancel()
+    return gone
 
 
 async def send_answer(send: Send, answer: Answer) -> None:

@@ -11,8 +11,8 @@ import pytest
 
 from service.app import create_app
 from service.config import Settings
-from service.dataplane import Answer
-from service.transport import run_watching
+from service.errors import Cancelled
+from service.transport import disconnect_probe
 from tests.conftest import samples
 
 pytestmark = pytest.mark.integration
@@ -103,35 +103,33 @@ async def test_a_broken_config_leaves_the_server_up_and_says_why(repository, tmp
         assert load.status_code == 400 and "invalid config" in load.json()["error"]
 
 
-async def test_disconnected_client_cancels_the_work():
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def work() -> Answer:
-        started.set()
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return Answer(200, b"")
-
-    async def receive():
-        await started.wait()
+async def test_disconnect_probe_tells_a_closed_connection_from_a_waiting_one():
+    async def closed():
         return {"type": "http.disconnect"}
 
-    assert await run_watching(work(), receive) is None
-    assert cancelled.is_set()
+    assert disconnect_probe(closed)() is True
 
+    event = asyncio.Event()
 
-async def test_finished_work_is_answered_and_the_watcher_stopped():
-    async def work() -> Answer:
-        return Answer(200, b"ok")
-
-    never = asyncio.Event()
-
-    async def receive():
-        await never.wait()
+    async def waiting():
+        await event.wait()
         return {"type": "http.disconnect"}
 
-    answer = await run_watching(work(), receive)
-    assert answer.body == b"ok"
+    probe = disconnect_probe(waiting)
+    assert probe() is False and probe() is False
+    assert not event._waiters, "the probe left a waiter behind"
+
+
+async def test_a_gone_client_is_dropped_before_compute(repository):
+    async with client_for(Settings(repository=repository, models=["cnn"])) as client:
+        app_repo = client._transport.app.state.repository  # type: ignore[attr-defined]
+        model = app_repo.get("cnn")
+        calls = []
+        real_run = model.batcher.run
+        model.batcher.run = lambda inputs: calls.append(1) or real_run(inputs)
+        x = samples(repository, "cnn")[:1]
+        with pytest.raises(Cancelled):
+            await model.batcher.submit({"image": x}, gone=lambda: True)
+        assert calls == []
+        ok = await model.batcher.submit({"image": x}, gone=lambda: False)
+        assert calls == [1] and ok.outputs["label"].shape == (1,)

@@ -335,3 +335,47 @@ def test_metrics_follow_triton_names(server, repository):
         assert _metric(text, f"onnxserve_{hist}_count", "cnn") >= 1, hist
     assert "onnxserve_pending_request_count{" in text
     assert _metric(text, "onnxserve_model_provider", "cnn", provider="CPUExecutionProvider") == 1
+
+
+def _binary_series(window: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    head = orjson.dumps(
+        {"inputs": [{"name": "series", "shape": list(window.shape), "datatype": "FP32",
+                     "parameters": {"binary_data_size": window.nbytes}}]}
+    )  # fmt: skip
+    return head + window.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
+
+
+def test_a_client_that_hangs_up_is_never_computed(repository, tmp_path):
+    short_body = orjson.dumps(v2_json("series", samples(repository, "lstm")[:1]))
+    overrides = '{"lstm": {"max_batch_size": 1}}'
+
+    async def scenario(url: str) -> int:
+        host, port = url.removeprefix("http://").split(":")
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            # size a request that keeps the only instance busy for about a second
+            probe = np.linspace(300, 420, 20_000, dtype=np.float32).reshape(1, -1, 1)
+            body, headers = _binary_series(probe)
+            r = await client.post("/v2/models/lstm/infer", content=body, headers=headers)
+            ms = float(re.search(r"compute;dur=([\d.]+)", r.headers["server-timing"])[1])
+            steps = int(min(2_000_000, 20_000 * max(1.0, 1000 / ms)))
+            long = np.linspace(300, 420, steps, dtype=np.float32).reshape(1, -1, 1)
+            body, headers = _binary_series(long)
+            busy = asyncio.ensure_future(
+                client.post("/v2/models/lstm/infer", content=body, headers=headers)
+            )
+            await asyncio.sleep(0.3)  # the long request now holds the only instance
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                b"POST /v2/models/lstm/infer HTTP/1.1\r\nHost: t\r\nContent-Type: "
+                b"application/json\r\nContent-Length: %d\r\n\r\n" % len(short_body) + short_body
+            )
+            await writer.drain()
+            writer.close()  # hang up while the request waits in the queue
+            await writer.wait_closed()
+            return (await busy).status_code
+
+    with run_server(repository, tmp_path, env={"ONNXSERVE_MODEL_OVERRIDES": overrides}) as srv:
+        assert asyncio.run(scenario(srv.url)) == 200
+        after = httpx.get(f"{srv.url}/metrics").text
+    assert _metric(after, "onnxserve_request_failure_total", "lstm", reason="cancelled") == 1
+    assert _metric(after, "onnxserve_inference_count_total", "lstm") == 2, "it was computed"

@@ -1,0 +1,294 @@
+"""The output: part files committed chunk by chunk under a manifest that is replaced atomically.
+
+Layout of an output folder (a Parquet dataset: readers skip names starting with `_`):
+
+    OUTPUT/part-00000.parquet ...  one per input chunk: `row` then the task's columns
+    OUTPUT/_manifest.json          the job's fingerprint and how many chunks are committed
+    OUTPUT/_errors.csv             `row,reason` for every row that could not be scored
+    OUTPUT/_summary.json           rows, errors, seconds, rows/s (when the job is complete)
+
+A chunk is committed by writing its part (temp file + rename), writing its errors at the offset
+the manifest records, then replacing the manifest. Whatever a crash leaves past the last commit is
+redone identically on resume. With an OUTPUT ending in `.npy` the folder is `OUTPUT.parts/` and,
+once every chunk is in, the parts are assembled into one structured array at OUTPUT.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service import postprocess
+from service.codec import NP_TYPES
+from service.model_config import ModelConfig
+from service.scoring import ScoringError
+
+MANIFEST, ERRORS, SUMMARY, LOCK = "_manifest.json", "_errors.csv", "_summary.json", "_lock"
+ERRORS_HEADER = b"row,reason\n"
+TMP_PREFIX = "_tmp-"
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def result_table(config: ModelConfig, rows: np.ndarray, outputs: dict[str, np.ndarray] | None):
+    """`row` and the task's columns (`postprocess.predictions`) as an Arrow table.
+
+    2-D columns (probabilities) become fixed-size lists. `outputs` None means no row was scored.
+    """
+    import pyarrow as pa
+
+    if outputs is None:
+        outputs = {
+            s.name: np.zeros([0, *(1 if d == -1 else d for d in s.shape[1:])], NP_TYPES[s.datatype])
+            for s in config.outputs
+        }
+    columns: dict[str, Any] = {"row": pa.array(rows, pa.int64())}
+    for name, values in postprocess.predictions(config, outputs).items():
+        if values.ndim == 2:
+            flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+            columns[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+        elif values.dtype == object:
+            columns[name] = pa.array(values, pa.string())
+        else:
+            columns[name] = pa.array(values)
+    return pa.table(columns)
+
+
+@dataclass
+class Manifest:
+    """What is committed; written whole, atomically, after each chunk."""
+
+    fingerprint: dict[str, Any]
+    total_rows: int
+    chunks_done: int = 0
+    rows_done: int = 0
+    scored: int = 0
+    errors: int = 0
+    errors_bytes: int = len(ERRORS_HEADER)
+    elapsed_s: float = 0.0
+    complete: bool = False
+
+
+@dataclass
+class Summary:
+    """A finished (or resumed-and-finished) job, as printed and written to `_summary.json`."""
+
+    model: str
+    version: int
+    engine: str
+    input: str
+    output: str
+    rows: int
+    scored: int
+    errors: int
+    seconds: float
+    rows_per_s: float
+    resumed_from_row: int = 0
+    errors_file: str = ""
+
+    @property
+    def error_ratio(self) -> float:
+        return self.errors / self.rows if self.rows else 0.0
+
+    def line(self) -> str:
+        return (
+            f"{self.model} v{self.version}: {self.rows} rows, {self.scored} scored, "
+            f"{self.errors} errors in {self.seconds:.1f} s ({self.rows_per_s:,.0f} rows/s) "
+            f"-> {self.output}"
+        )
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file whole or not at all (temp file, fsync, rename)."""
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+class Output:
+    """One job's output folder (see the module docstring)."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = Path(target)
+        self.npy = self.target.suffix.lower() == ".npy"
+        self.folder = (
+            self.target.with_name(self.target.name + ".parts") if self.npy else self.target
+        )
+        self._lock: io.BufferedWriter | None = None
+
+    def manifest(self) -> Manifest | None:
+        """The committed manifest, if any."""
+        try:
+            return Manifest(**json.loads((self.folder / MANIFEST).read_bytes()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            raise ScoringError(f"{self.folder / MANIFEST} is unreadable ({exc})") from None
+
+    def check(self, fingerprint: dict[str, Any]) -> None:
+        """Refuse an output that another job made, or that is not ours to write into."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ScoringError(f"output {self.folder} exists and is not a folder")
+        manifest = self.manifest()
+        if manifest is None:
+            if self.folder.is_dir() and any(p.name != LOCK for p in self.folder.iterdir()):
+                raise ScoringError(
+                    f"output {self.folder} exists and holds files but no {MANIFEST} (not a "
+                    "resumable job's output); choose a new output or remove it"
+                )
+            return
+        if not _same(manifest.fingerprint, fingerprint):
+            ours, theirs = fingerprint, manifest.fingerprint
+            changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+            raise ScoringError(
+                f"output {self.folder} was made with other arguments (differ: "
+                f"{', '.join(changed)}); use a new output path or remove it to start over"
+            )
+
+    def open(self, fingerprint: dict[str, Any], total_rows: int) -> Manifest:
+        """Lock the folder, check it, and drop whatever a crash left past the last commit."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lock = (self.folder / LOCK).open("ab")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ScoringError(f"output {self.folder} is being written by another job") from None
+        self._lock = lock
+        self.check(fingerprint)
+        manifest = self.manifest() or Manifest(fingerprint, total_rows)
+        for path in self.folder.iterdir():
+            name = path.name
+            stale = name.startswith("part-") and name >= part_name(manifest.chunks_done)
+            if stale or name.startswith(TMP_PREFIX):
+                path.unlink()
+        errors = self.folder / ERRORS
+        if manifest.errors_bytes == len(ERRORS_HEADER):
+            errors.write_bytes(ERRORS_HEADER)
+        elif not errors.is_file() or errors.stat().st_size < manifest.errors_bytes:
+            raise ScoringError(f"{errors} lost committed rows; remove {self.folder} to start over")
+        else:
+            os.truncate(errors, manifest.errors_bytes)
+        write_atomic(self.folder / MANIFEST, json.dumps(asdict(manifest)).encode())
+        return manifest
+
+    def close(self) -> None:
+        """Release the folder's lock."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def commit(
+        self, manifest: Manifest, table: Any, count: int, errors: list[tuple[int, str]], s: float
+    ) -> None:
+        """Commit the next chunk: its part, its errors, then the manifest."""
+        import pyarrow.parquet as pq
+
+        part = self.folder / part_name(manifest.chunks_done)
+        tmp = part.with_name(TMP_PREFIX + part.name)
+        strings = [f.name for f in table.schema if f.type == "string"]
+        with tmp.open("wb") as f:
+            pq.write_table(table, f, use_dictionary=strings)  # floats: dictionaries cost, not pay
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, part)
+        if errors:
+            text = io.StringIO()
+            csv.writer(text, lineterminator="\n").writerows(errors)
+            with (self.folder / ERRORS).open("r+b") as f:
+                f.seek(manifest.errors_bytes)
+                f.write(text.getvalue().encode())
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
+                manifest.errors_bytes = f.tell()
+        manifest.chunks_done += 1
+        manifest.rows_done += count
+        manifest.scored += table.num_rows
+        manifest.errors += len(errors)
+        manifest.elapsed_s += s
+        write_atomic(self.folder / MANIFEST, json.dumps(asdict(manifest)).encode())
+
+    def finish(self, manifest: Manifest, summary: Summary) -> None:
+        """Mark the job complete (assembling the .npy first, if that is the output)."""
+        if self.npy:
+            assemble_npy([self.folder / part_name(i) for i in range(manifest.chunks_done)],
+                         self.target)  # fmt: skip
+        write_atomic(self.folder / SUMMARY, json.dumps(asdict(summary), indent=2).encode())
+        manifest.complete = True
+        write_atomic(self.folder / MANIFEST, json.dumps(asdict(manifest)).encode())
+        if self.npy:
+            for path in self.folder.glob("part-*.parquet"):
+                path.unlink()
+
+    def summary(self) -> Summary:
+        """The summary a complete job wrote."""
+        return Summary(**json.loads((self.folder / SUMMARY).read_bytes()))
+
+
+def _structured_field(table: Any, name: str) -> tuple[str, Any, tuple[int, ...]]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    type_ = table.schema.field(name).type
+    if pa.types.is_fixed_size_list(type_):
+        return name, type_.value_type.to_pandas_dtype(), (type_.list_size,)
+    if pa.types.is_string(type_):
+        longest = pc.max(pc.utf8_length(table.column(name))).as_py() or 1
+        return name, f"U{longest}", ()
+    return name, type_.to_pandas_dtype(), ()
+
+
+def assemble_npy(parts: list[Path], target: Path) -> None:
+    """Parts into one structured array at `target` (one field per column), written atomically.
+
+    Strings become fixed-width unicode fields (as wide as the longest), fixed-size lists become
+    sub-array fields (`probabilities` of shape (10,)). Memory stays at one part's worth.
+    """
+    import pyarrow.parquet as pq
+
+    files = [pq.ParquetFile(p) for p in parts]
+    rows = sum(f.metadata.num_rows for f in files)
+    widths: dict[str, str] = {}
+    fields: list[tuple[str, Any, tuple[int, ...]]] = []
+    for f in files:  # the widest string of each column decides its field's width
+        table = f.read()
+        fields = [_structured_field(table, n) for n in table.column_names]
+        for name, kind, _ in fields:
+            if isinstance(kind, str):
+                widths[name] = max(widths.get(name, "U1"), kind, key=lambda u: int(u[1:]))
+    dtype = np.dtype([(n, widths.get(n, k), s) for n, k, s in fields])
+    tmp = target.with_name(TMP_PREFIX + target.name)
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows,))
+    offset = 0
+    for f in files:
+        table = f.read()
+        n = table.num_rows
+        for name, _, shape in fields:
+            column = table.column(name).combine_chunks()
+            if shape:
+                values = column.flatten().to_numpy().reshape(n, *shape)
+            else:
+                values = column.to_numpy(zero_copy_only=False)
+            out[name][offset : offset + n] = values
+        offset += n
+    out.flush()
+    del out
+    os.replace(tmp, target)
