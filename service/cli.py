@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -60,15 +61,11 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(module: str) -> object:
-    """A subcommand whose parser lives with its feature (imported only when used)."""
-
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return importlib.import_module(module).main(args.rest)
-
-    return run
+#: Subcommands whose parser lives with their feature, imported only when used.
+DELEGATED = {
+    "score": ("service.scoring.cli", "score a file through a model (offline, remote or Ray)"),
+    "loadtest": ("loadtests.cli", "run Locust headless and write a report with plots"),
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -97,19 +94,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--access-log", action="store_true")
     s.set_defaults(func=_serve)
 
-    for name, module, text in (
-        ("score", "service.scoring.cli", "score a file through a model (offline, remote or Ray)"),
-        ("loadtest", "loadtests.cli", "run Locust headless and write a report with plots"),
-    ):
-        d = sub.add_parser(name, help=text, add_help=False)
-        d.add_argument("rest", nargs=argparse.REMAINDER)
-        d.set_defaults(func=_delegate(module))
+    for name, (_, text) in DELEGATED.items():  # listed in --help; main() hands them over
+        sub.add_parser(name, help=f"{text} (see `onnxserve {name} --help`)", add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `onnxserve` console script."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     args = parser().parse_args(argv)
     return args.func(args)
 
