@@ -2,12 +2,15 @@
 
 Contract for `run`: given a dict of input arrays whose first axis holds N rows, return a dict of
 output arrays whose first axis holds the same N rows in the same order. `run` executes in a
-worker thread (ONNX Runtime releases the GIL), never on the event loop.
+worker thread of `executor` (ONNX Runtime releases the GIL), never on the event loop.
 
 Dispatch rule: a batch leaves as soon as an instance is free and either nothing else is in flight
 (an idle batcher runs a lone request at once), `max_batch_size` rows are waiting, or the oldest
 request has waited `max_queue_delay_ms`. Only requests whose inputs agree in name, dtype and
 non-batch shape are merged; online requests go before background (batch-job) work.
+
+There is no dispatcher task: `submit` and each finished batch call `_pump`, which starts what can
+start. At low load a request reaches its worker thread without a hop through another task.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,13 +54,6 @@ class Pending:
     taken: bool = False
 
 
-@dataclass
-class BatchStats:
-    """Callbacks the batcher reports to (metrics); all optional."""
-
-    on_batch: Callable[[int, float], None] | None = None  # (rows, compute seconds)
-
-
 def batch_key(inputs: Arrays) -> tuple:
     """Requests may share a batch only if their inputs agree in name, dtype and non-batch shape."""
     return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items()))
@@ -74,17 +70,16 @@ class Batcher:
     max_queue_size: int = 1024
     timeout_ms: float = 10_000.0
     instances: int = 1
-    stats: BatchStats = field(default_factory=BatchStats)
+    on_batch: Callable[[int, float], None] | None = None  # (rows, compute seconds)
 
     def __post_init__(self) -> None:
-        self._queues: tuple[deque[Pending], deque[Pending]] = (deque(), deque())
-        self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(self.instances)
+        self._queues: tuple[deque[Pending], deque[Pending]] = (deque(), deque())  # online, jobs
         self._inflight = 0
         self._closed = False
-        self._task: asyncio.Task | None = None
-        self._event_loop: asyncio.AbstractEventLoop | None = None
-        self._running: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fill_timer: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def depth(self) -> int:
@@ -92,18 +87,14 @@ class Batcher:
         return len(self._queues[0]) + len(self._queues[1])
 
     def start(self) -> None:
-        """Start the dispatch loop on the running event loop."""
-        self._event_loop = asyncio.get_running_loop()
-        self._task = self._event_loop.create_task(self._loop(), name="batcher")
+        """Bind to the running event loop."""
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
-        """Refuse new work, finish everything accepted, then stop."""
+        """Refuse new work, finish everything accepted, then return."""
         self._closed = True
-        self._wakeup.set()
-        if self._task is not None:
-            await self._task
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+        self._pump()
+        await self._idle.wait()
 
     async def submit(
         self,
@@ -121,20 +112,23 @@ class Batcher:
             raise Unavailable("model is being unloaded; retry shortly")
         if self.depth >= self.max_queue_size:
             raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
-        rows = next(iter(inputs.values())).shape[0]
-        loop = self._event_loop
+        loop = self._loop
         assert loop is not None, "Batcher.start() was not called"
+        rows = next(iter(inputs.values())).shape[0]
         now = time.perf_counter()
         timeout_s = (timeout_ms if timeout_ms is not None else self.timeout_ms) / 1000
         future = loop.create_future()
         item = Pending(inputs, rows, batch_key(inputs), future, now, now + timeout_s, gone)
         self._queues[priority].append(item)
-        self._wakeup.set()
+        self._idle.clear()
+        self._pump()
+        if item.taken:  # dispatched at once: no timer needed
+            return await future
         timer = loop.call_later(timeout_s, self._expire, item)
         try:
-            return await item.future
+            return await future
         except asyncio.CancelledError:
-            if not item.taken:  # client gone before compute: never run it
+            if not item.taken:  # the caller gave up before compute: never run it
                 self._drop(item)
             raise
         finally:
@@ -144,11 +138,9 @@ class Batcher:
         """Timer: a request still queued at its deadline gets 504 and is never run."""
         if not item.taken and not item.future.done():
             self._drop(item)
+            waited_ms = (item.deadline - item.enqueued) * 1000
             item.future.set_exception(
-                QueueTimeout(
-                    f"request waited over {(item.deadline - item.enqueued) * 1000:.0f} ms "
-                    "in the queue and was not run"
-                )
+                QueueTimeout(f"request waited over {waited_ms:.0f} ms in the queue and was not run")
             )
 
     def _drop(self, item: Pending) -> None:
@@ -158,43 +150,44 @@ class Batcher:
                 break
             except ValueError:
                 continue
+        self._settle_idle()
+
+    def _settle_idle(self) -> None:
+        if not self._inflight and not self.depth:
+            self._idle.set()
 
     def _waiting_rows(self) -> int:
         return sum(p.rows for q in self._queues for p in q)
 
-    async def _loop(self) -> None:
-        while True:
-            if not self.depth:
-                if self._closed:
+    def _pump(self) -> None:
+        """Start every batch that may start now (see the dispatch rule)."""
+        while self._inflight < self.instances and self.depth:
+            if self._inflight and self.max_queue_delay_ms > 0 and not self._closed:
+                if self._waiting_rows() < self.max_batch_size:
+                    self._fill_later()
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._slots.acquire()
-            if self._inflight and self.max_queue_delay_ms > 0:
-                await self._fill()
             batch = self._take()
-            if not batch:
-                self._slots.release()
-                continue
-            self._inflight += 1
-            task = self._event_loop.create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            if batch:
+                self._launch(batch)
+        self._settle_idle()
 
-    async def _fill(self) -> None:
-        """Wait until max_batch_size rows are queued or the oldest has waited the delay."""
-        oldest = min((q[0].enqueued for q in self._queues if q), default=time.perf_counter())
-        deadline = oldest + self.max_queue_delay_ms / 1000
-        while self._waiting_rows() < self.max_batch_size and not self._closed:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                return
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), left)
-            except TimeoutError:
-                return
+    def _fill_later(self) -> None:
+        """Come back when the oldest waiting request has waited max_queue_delay_ms."""
+        if self._fill_timer is not None:
+            return
+        oldest = min(q[0].enqueued for q in self._queues if q)
+        delay = max(0.0, oldest + self.max_queue_delay_ms / 1000 - time.perf_counter())
+
+        def fire() -> None:
+            self._fill_timer = None
+            if self.depth and self._inflight < self.instances:
+                batch = self._take()
+                if batch:
+                    self._launch(batch)
+            self._pump()
+
+        assert self._loop is not None
+        self._fill_timer = self._loop.call_later(delay, fire)
 
     def _take(self) -> list[Pending]:
         """Pop the oldest live request and every later one that fits beside it."""
@@ -207,13 +200,13 @@ class Batcher:
                 item = queue.popleft()
                 if item.future.done():  # cancelled or timed out while queued
                     continue
-                if item.gone is not None and item.gone():
-                    item.future.set_exception(Cancelled("client disconnected before compute"))
-                    continue
                 if now > item.deadline:
                     item.future.set_exception(
                         QueueTimeout("request timed out in the queue and was not run")
                     )
+                    continue
+                if item.gone is not None and item.gone():
+                    item.future.set_exception(Cancelled("client disconnected before compute"))
                     continue
                 if key is None:  # the head always goes, even when larger than a batch
                     key, rows = item.key, item.rows
@@ -232,19 +225,28 @@ class Batcher:
             item.taken = True
         return batch
 
-    async def _execute(self, batch: list[Pending]) -> None:
+    def _launch(self, batch: list[Pending]) -> None:
+        """Run one batch in a worker thread; `_finish` picks it up on the loop."""
+        if len(batch) == 1:
+            inputs = batch[0].inputs
+        else:
+            inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
+        self._inflight += 1
         start = time.perf_counter()
+        loop = self._loop
+        assert loop is not None
+        work = self.executor.submit(self.run, inputs)
+        work.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._finish, batch, start, done)
+        )
+
+    def _finish(self, batch: list[Pending], start: float, done: Future) -> None:
+        self._inflight -= 1
+        compute = time.perf_counter() - start
         rows = sum(p.rows for p in batch)
         try:
-            if len(batch) == 1:
-                inputs = batch[0].inputs
-            else:
-                inputs = {
-                    name: np.concatenate([p.inputs[name] for p in batch])
-                    for name in batch[0].inputs
-                }
-            outputs = await self._event_loop.run_in_executor(self.executor, self.run, inputs)
-            bad = {n: a.shape[0] for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != rows}
+            outputs = done.result()
+            bad = {n: a.shape[:1] for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != rows}
             if bad:
                 raise RuntimeError(
                     f"model returned {bad} rows for a batch of {rows}: outputs must keep the "
@@ -254,17 +256,14 @@ class Batcher:
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)
+            self._pump()
             return
-        finally:
-            self._inflight -= 1
-            self._slots.release()
-            self._wakeup.set()
-        compute = time.perf_counter() - start
-        if self.stats.on_batch:
-            self.stats.on_batch(rows, compute)
+        if self.on_batch:
+            self.on_batch(rows, compute)
         offset = 0
         for item in batch:
             part = {n: a[offset : offset + item.rows] for n, a in outputs.items()}
             offset += item.rows
             if not item.future.done():
                 item.future.set_result(BatchResult(part, rows, start - item.enqueued, compute))
+        self._pump()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.batcher import Batcher, BatchStats
+from service.batcher import Batcher
 from service.codec import NP_TYPES
 from service.config import Settings
 from service.errors import BadRequest, NotFound, Unavailable
@@ -267,7 +267,7 @@ class Repository:
             max_queue_size=batching.max_queue_size,
             timeout_ms=batching.timeout_ms,
             instances=instances,
-            stats=BatchStats(on_batch=metrics.batch),
+            on_batch=metrics.batch,
         )
         metrics.pending.set_function(lambda: batcher.depth)
         return LoadedModel(

@@ -3,7 +3,6 @@ watching, and writing an `Answer`."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 

@@ -148,6 +148,8 @@ class Output:
             raise ScoringError(f"output {self.folder} exists and is not a folder")
         manifest = self.manifest()
         if manifest is None:
+            if self.npy and self.target.exists():
+                raise ScoringError(f"output {self.target} exists; choose a new one or remove it")
             if self.folder.is_dir() and any(p.name != LOCK for p in self.folder.iterdir()):
                 raise ScoringError(
                     f"output {self.folder} exists and holds files but no {MANIFEST} (not a "
