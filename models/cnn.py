@@ -14,14 +14,14 @@ from torch import nn
 from models.conv_arith import conv_output_size, pool_output_size
 from models.data import IMAGE_SIZE, Split, load_digit_splits, random_affine
 from models.evaluate import Predict, torch_predict
-from models.train import Trained, fit, seed_everything, train_config
+from models.train import Trained, fit, hyperparameters, seed_everything, train_config
 
 INPUT = "image"
 OUTPUTS = ("probabilities", "label")
 LABELS = tuple(str(d) for d in range(10))
 
 HPARAMS: dict[str, Any] = {
-    "channels": [6, 16],
+    "channels": [16, 32],
     "kernel": 5,
     "hidden": [120, 84],
     "epochs": 40,
@@ -47,7 +47,7 @@ class LeNet(nn.Module):
 
     def __init__(
         self,
-        channels: Sequence[int] = (6, 16),
+        channels: Sequence[int] = (16, 32),
         kernel: int = 5,
         hidden: Sequence[int] = (120, 84),
         classes: int = 10,
@@ -86,9 +86,9 @@ def evaluate(predict: Predict, split: Split) -> dict[str, float]:
     return {"accuracy": float(np.mean(labels == split.y.numpy()))}
 
 
-def train(out_dir: Path, *, quick: bool = False) -> Trained:
+def train(out_dir: Path, *, quick: bool = False, **overrides: Any) -> Trained:
     """Train on the digits' train split; evaluate on the held-out test split."""
-    hp = {**HPARAMS, **(QUICK if quick else {})}
+    hp = hyperparameters(HPARAMS, QUICK, quick, **overrides)
     seed_everything(hp["seed"])
     data = load_digit_splits()
     net = LeNet(hp["channels"], hp["kernel"], hp["hidden"])
@@ -106,4 +106,4 @@ def train(out_dir: Path, *, quick: bool = False) -> Trained:
         augment=partial(random_affine, **hp["augment"]) if hp["augment"] else None,
         desc="cnn",
     )
-    return Trained(serving.eval(), OUTPUTS, score, result.summary, hp)
+    return Trained(serving.eval(), OUTPUTS, score, result.summary)

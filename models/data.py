@@ -87,7 +87,10 @@ def random_affine(
     zoom = 1 + u[:, 1] * scale
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack(
-        [torch.stack([cos, -sin, u[:, 2] * 2 * shift], 1), torch.stack([sin, cos, u[:, 3] * 2 * shift], 1)],
+        [
+            torch.stack([cos, -sin, u[:, 2] * 2 * shift], 1),
+            torch.stack([sin, cos, u[:, 3] * 2 * shift], 1),
+        ],
         1,
     )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)

@@ -5,7 +5,8 @@ A `Predict` maps a float32 input array (batch first) to the model's named output
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -15,13 +16,27 @@ from torch import nn
 Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
-def torch_predict(module: nn.Module, outputs: Sequence[str], batch_size: int = 256) -> Predict:
-    """A `Predict` running `module` (eval mode, no grad) in chunks of `batch_size`."""
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` PyTorch intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def torch_predict(
+    module: nn.Module, outputs: Sequence[str], batch_size: int = 256, threads: int = 1
+) -> Predict:
+    """A `Predict` running `module` (eval mode, no grad) in chunks of `batch_size` on `threads`
+    intra-op threads (one by default: these models are too small to gain from more)."""
 
     def predict(x: np.ndarray) -> dict[str, np.ndarray]:
         module.eval()
         chunks: list[tuple[torch.Tensor, ...]] = []
-        with torch.inference_mode():
+        with torch_threads(threads), torch.inference_mode():
             for i in range(0, len(x), batch_size):
                 out = module(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])))
                 chunks.append(out if isinstance(out, tuple) else (out,))

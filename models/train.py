@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.evaluate import Predict
+from models.evaluate import Predict, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     patience: int = 5
     seed: int = 0
+    # These models are tiny: a second intra-op thread gains ~20%, and when the CPU is shared
+    # (tests, a server or load tests beside the build) PyTorch's spinning threads run 10x slower.
+    threads: int = 1
 
 
 @dataclass
@@ -72,8 +75,21 @@ class Trained:
     outputs: tuple[str, ...]
     evaluate: Callable[[Predict], dict[str, float]]
     metrics: dict[str, float]
-    hparams: dict[str, Any]
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def hyperparameters(
+    defaults: Mapping[str, Any],
+    quick_overrides: Mapping[str, Any],
+    quick: bool = False,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A model's hyperparameters: its defaults, then its quick-mode overrides if `quick`, then
+    `overrides`; unknown override names raise KeyError."""
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise KeyError(f"unknown hyperparameters {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **(quick_overrides if quick else {}), **overrides}
 
 
 def train_config(hparams: Mapping[str, Any]) -> TrainConfig:
@@ -87,7 +103,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _batch_loss(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> float:
+def _val_loss(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
         return float(loss_fn(model(x), y))
@@ -109,8 +125,35 @@ def fit(
     """Train `model` in place with Adam; stop after `patience` epochs without a better validation
     loss; restore the best weights; write the checkpoint and `metrics.json` beside it.
 
-    `augment(x, generator)`, if given, transforms each training batch's inputs (never targets)."""
+    `augment(x, generator)`, if given, transforms each training batch's inputs (never targets).
+    `evaluate(model)` runs on the restored best weights; its metrics go into `metrics.json`.
+    """
     start = time.perf_counter()
+    with torch_threads(config.threads):
+        result = _train(model, loss_fn, train, val, config, augment, desc)
+        result.seconds = time.perf_counter() - start
+        if evaluate is not None:
+            result.metrics = evaluate(model)
+    _save(model, result, config, hparams or {}, Path(checkpoint))
+    log.info(
+        "%s: best epoch %d, val loss %.4g, %s",
+        desc,
+        result.best_epoch,
+        result.best_val_loss,
+        result.metrics,
+    )
+    return result
+
+
+def _train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    config: TrainConfig,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None,
+    desc: str,
+) -> FitResult:
     x, y = train
     generator = torch.Generator().manual_seed(config.seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -129,7 +172,7 @@ def fit(
             loss.backward()
             optimiser.step()
             total += loss.item() * len(idx)
-        train_loss, val_loss = total / len(x), _batch_loss(model, loss_fn, *val)
+        train_loss, val_loss = total / len(x), _val_loss(model, loss_fn, *val)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val_loss:.4g}")
         if val_loss < best_loss:
@@ -143,12 +186,7 @@ def fit(
     bar.close()
     model.load_state_dict(best_state)
     model.eval()
-    result = FitResult(best_epoch, best_loss, time.perf_counter() - start, history)
-    if evaluate is not None:
-        result.metrics = evaluate(model)
-    _save(model, result, config, hparams or {}, Path(checkpoint))
-    log.info("%s: best epoch %d, val loss %.4g, %s", desc, best_epoch, best_loss, result.metrics)
-    return result
+    return FitResult(best_epoch, best_loss, 0.0, history)
 
 
 def _save(
