@@ -255,6 +255,11 @@ class Repository:
         self, config: ModelConfig, version: int, batching: Batching, instances: int
     ) -> LoadedModel:
         path = self.root / config.name / str(version) / MODEL_FILE
+        history = {v.version: v for v in config.versions}
+        if config.task == "anomaly" and version in history:  # each version's own calibration
+            own = history[version].metrics.get("threshold")
+            if own is not None:
+                config = config.model_copy(update={"threshold": own})
         runtime = ModelRuntime(path, self.runtime_options, instances)
         runtime.warm_up(warm_up_inputs(config, tuple(sorted({1, batching.max_batch_size}))))
         metrics = self.metrics.for_model(config.name, str(version))

@@ -1,0 +1,381 @@
+"""The benchmark's pure parts: wrk output, /metrics and /proc parsing, payloads, targets."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from loadtests import bench
+from service.codec import decode_request
+
+pytestmark = pytest.mark.unit
+
+WRK_LINE = (
+    'BENCH_JSON {"requests":20000,"duration_us":4000000,"bytes":123456,'
+    '"errors":{"connect":1,"read":2,"write":3,"status":7,"timeout":4},'
+    '"latency_us":{"min":100.0,"mean":900.5,"stdev":50.0,"max":9000.0,'
+    '"p50":800.0,"p75":950.0,"p90":1200.0,"p99":3000.0,"p99.9":5000.0}}'
+)
+
+
+# -- wrk ------------------------------------------------------------------------------------------
+def test_wrk_json_line_is_found_among_wrk_chatter():
+    text = f"Running 4s test @ http://127.0.0.1:8000\n  1 threads and 64 connections\n{WRK_LINE}\n"
+    doc = bench.parse_wrk_output(text)
+    assert doc["rps"] == pytest.approx(5000.0)
+    assert doc["duration_s"] == pytest.approx(4.0)
+    assert doc["latency_us"]["p99"] == 3000.0 and doc["latency_us"]["p99.9"] == 5000.0
+    assert doc["non2xx"] == 7
+    assert doc["socket_errors"] == 1 + 2 + 3 + 4
+
+
+def test_wrk_nan_from_an_empty_histogram_becomes_null():
+    line = WRK_LINE.replace('"stdev":50.0', '"stdev":-nan').replace('"mean":900.5', '"mean":nan')
+    doc = bench.parse_wrk_output(line)
+    assert doc["latency_us"]["stdev"] is None and doc["latency_us"]["mean"] is None
+
+
+def test_wrk_output_without_the_json_line_is_an_error():
+    with pytest.raises(ValueError, match="BENCH_JSON"):
+        bench.parse_wrk_output("unable to connect to 127.0.0.1:9 Connection refused\n")
+
+
+def test_lua_script_prints_every_field_the_parser_reads():
+    lua = bench.LUA_SCRIPT.read_text()
+    assert bench.BENCH_JSON in lua
+    for key in ("requests", "duration_us", "connect", "read", "write", "status", "timeout"):
+        assert f'"{key}":' in lua
+    for p in ("p50", "p75", "p90", "p99", "p99.9"):
+        assert f'"{p}":' in lua
+    assert "latency:percentile(99)" in lua
+
+
+def test_manifest_has_path_file_and_headers_per_line(tmp_path: Path):
+    text = bench.manifest_text(
+        [
+            ("/v2/models/cnn/infer", tmp_path / "a.body", {"Content-Type": "application/json"}),
+            ("/v1/models/cnn:predict", tmp_path / "b.body", {"A": "1", "B": "2"}),
+        ]
+    )
+    lines = text.splitlines()
+    assert lines[0].split("\t") == [
+        "/v2/models/cnn/infer",
+        str(tmp_path / "a.body"),
+        "Content-Type: application/json",
+    ]
+    assert lines[1].split("\t")[2:] == ["A: 1", "B: 2"]
+    assert text.endswith("\n")
+
+
+def test_manifest_refuses_tabs_in_fields(tmp_path: Path):
+    with pytest.raises(ValueError, match="tab"):
+        bench.manifest_text([("/x", tmp_path / "a", {"H": "a\tb"})])
+
+
+# -- payloads -------------------------------------------------------------------------------------
+def test_binary_payload_decodes_to_the_same_array_with_the_service_codec():
+    x = np.arange(2 * 1 * 28 * 28, dtype=np.float32).reshape(2, 1, 28, 28) / 7
+    payload = bench.make_payload("cnn", "v2_binary", "image", x)
+    assert payload.path == "/v2/models/cnn/infer"
+    request = decode_request(payload.body, payload.headers["Inference-Header-Content-Length"])
+    np.testing.assert_array_equal(request.inputs["image"], x)
+    assert request.binary_output is True
+
+
+def test_json_payload_decodes_to_the_same_array_with_the_service_codec():
+    x = np.random.default_rng(0).random((1, 52, 1), dtype=np.float32)
+    payload = bench.make_payload("lstm", "v2_json", "series", x)
+    assert payload.headers == {"Content-Type": "application/json"}
+    np.testing.assert_array_equal(decode_request(payload.body).inputs["series"], x)
+
+
+def test_v1_payload_holds_one_instance_per_row():
+    x = np.ones((3, 1, 2, 2), dtype=np.float32)
+    payload = bench.make_payload("cnn", "v1", "image", x)
+    assert payload.path == "/v1/models/cnn:predict"
+    assert np.asarray(orjson.loads(payload.body)["instances"]).shape == (3, 1, 2, 2)
+
+
+def test_unknown_protocol_is_refused():
+    with pytest.raises(ValueError):
+        bench.make_payload("cnn", "grpc", "image", np.zeros((1, 1), np.float32))
+
+
+def test_request_rows_wrap_round_the_samples():
+    samples = np.arange(5, dtype=np.float32)[:, None]
+    parts = bench.request_rows(samples, 3, 2)
+    assert [p[:, 0].tolist() for p in parts] == [[0, 1, 2], [3, 4, 0]]
+
+
+# -- /metrics and /proc ---------------------------------------------------------------------------
+def _exposition(rows: float, runs: float) -> str:
+    return f"""\
+# HELP onnxserve_inference_count_total Rows inferred (batch rows summed).
+# TYPE onnxserve_inference_count_total counter
+onnxserve_inference_count_total{{model="cnn",version="1"}} {rows}
+onnxserve_inference_count_total{{model="lstm",version="1"}} 999.0
+onnxserve_inference_count_created{{model="cnn",version="1"}} 1.7e9
+# TYPE onnxserve_inference_exec_count_total counter
+onnxserve_inference_exec_count_total{{model="cnn",version="1"}} {runs}
+onnxserve_inference_exec_count_total{{model="lstm",version="1"}} 10.0
+"""
+
+
+def test_mean_batch_size_is_rows_over_runs_between_scrapes():
+    before, after = _exposition(100.0, 50.0), _exposition(100.0 + 640, 50.0 + 20)
+    assert bench.mean_batch_size(before, after, "cnn") == pytest.approx(32.0)
+
+
+def test_mean_batch_size_is_none_when_nothing_ran():
+    text = _exposition(10.0, 5.0)
+    assert bench.mean_batch_size(text, text, "cnn") is None
+    assert bench.mean_batch_size("", "", "cnn") is None
+
+
+def test_counter_is_summed_over_versions():
+    text = (
+        'onnxserve_inference_count_total{model="cnn",version="1"} 3\n'
+        'onnxserve_inference_count_total{model="cnn",version="2"} 4\n'
+    )
+    assert bench.counter_total(text, "onnxserve_inference_count_total", "cnn") == 7
+
+
+def test_prometheus_labels_with_escaped_quotes_and_commas():
+    samples = bench.parse_prometheus('m{a="x\\"y",b="1,2"} 5e0\nbad line\n# comment\nn 2\n')
+    assert samples == [("m", {"a": 'x\\"y', "b": "1,2"}, 5.0), ("n", {}, 2.0)]
+
+
+def test_proc_stat_with_spaces_and_parens_in_the_command_name():
+    fields = ["S"] + ["0"] * 10 + ["150", "25"] + ["0"] * 30
+    text = "1234 (py (thon) x) " + " ".join(fields)
+    assert bench.parse_proc_stat(text) == 175
+
+
+def test_foreign_cpu_is_busy_time_not_ours():
+    before = bench.parse_cpu_times(
+        "cpu  1 2 3 4\ncpu0 100 0 50 800 10 0 0 0 0 0\ncpu1 10 0 10 900 0 0 0 0 0 0\n"
+    )
+    after = bench.parse_cpu_times(
+        "cpu  1 2 3 4\ncpu0 160 0 90 800 10 0 0 0 0 0\ncpu1 10 0 10 1000 0 0 0 0 0 0\n"
+    )
+    assert before[0] == (150, 960)
+    # cpu0: 100 ticks busy of 100; we used 80 of them
+    assert bench.foreign_cpu_pct(before, after, [0], own_ticks=80) == pytest.approx(20.0)
+    assert bench.foreign_cpu_pct(before, after, [1], own_ticks=0) == 0.0
+    assert bench.foreign_cpu_pct(before, after, [0], own_ticks=500) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"), [("0", [0]), ("1,0", [0, 1]), ("0-3", [0, 1, 2, 3]), ("2-3,0", [0, 2, 3])]
+)
+def test_cpu_lists(text: str, cpus: list[int]):
+    assert bench.parse_cpu_list(text) == cpus
+
+
+def test_empty_cpu_list_is_refused():
+    with pytest.raises(ValueError):
+        bench.parse_cpu_list(" ")
+
+
+# -- targets ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("value", "op", "threshold", "failed", "status"),
+    [
+        (1.9, ">=", 1.9, 0, "PASS"),
+        (1.89, ">=", 1.9, 0, "FAIL"),
+        (0.5, "<=", 0.5, 0, "PASS"),
+        (0.51, "<=", 0.5, 0, "FAIL"),
+        (None, ">=", 1.0, 0, "FAIL"),
+        (3.0, ">=", 1.9, 1, "FAIL"),
+    ],
+)
+def test_target_rule(value, op, threshold, failed, status):
+    assert bench.evaluate(value, op, threshold, failed) == status
+
+
+def test_unknown_operator_is_an_error():
+    with pytest.raises(ValueError):
+        bench.evaluate(1.0, "==", 1.0)
+
+
+def _fake_cells(rps: dict[tuple, float] | None = None) -> list[dict]:
+    """Every planned cell, measured: 1000 req/s, p50 1 ms, p99 10 ms unless `rps` says."""
+    cells = []
+    for spec in bench.plan():
+        key = (spec.server, spec.model, spec.protocol, spec.conns, spec.rows, spec.batching)
+        value = (rps or {}).get(key, 1000.0)
+        cells.append(
+            {
+                **spec.__dict__,
+                "label": spec.label,
+                "error": None,
+                "rps": value,
+                "samples_per_s": value * spec.rows,
+                "latency_us": {"p50": 1000.0, "p99": 10000.0},
+                "failed_requests": 0,
+                "wrk_saturated": False,
+                "noisy": False,
+            }
+        )
+    return cells
+
+
+INPROCESS = {
+    "other_cpu_pct": 2.0,
+    "models": {
+        "cnn": {
+            "ceiling": [{"batch": 32, "samples_per_s": 64_000.0, "ms_per_batch": 0.5}],
+            "floor": [
+                {
+                    "protocol": "v2_json",
+                    "rows": 1,
+                    "body_bytes": 7000,
+                    "req_per_s": 8000.0,
+                    "samples_per_s": 8000.0,
+                    "us": {"decode": 60.0, "run": 50.0, "encode": 10.0, "total": 125.0},
+                }
+            ],
+        }
+    },
+}
+
+
+def _by_id(targets: list[dict]) -> dict[str, dict]:
+    return {t["id"]: t for t in targets}
+
+
+def test_every_target_finds_its_cells_in_the_plan():
+    targets = bench.evaluate_targets(_fake_cells(), INPROCESS)
+    assert {t["id"] for t in targets} == {t.id for t in bench.TARGETS}
+    for t in targets:
+        assert t["value"] is not None, t["id"]
+        assert "not measured" not in t["note"]
+
+
+def test_targets_compare_the_right_cells():
+    on, off = "on", "off"
+    cells = _fake_cells(
+        {
+            ("baseline", "cnn", "v2_json", 64, 1, "n/a"): 2000.0,
+            ("onnxserve", "cnn", "v2_json", 64, 1, on): 4000.0,
+            ("onnxserve", "cnn", "v2_binary", 64, 1, on): 4700.0,
+            ("onnxserve", "cnn", "v2_binary", 16, 32, on): 1500.0,  # 48,000 samples/s
+            ("onnxserve", "lstm", "v2_json", 64, 1, on): 1800.0,
+            ("onnxserve", "lstm", "v2_json", 64, 1, off): 1000.0,
+        }
+    )
+    targets = _by_id(bench.evaluate_targets(cells, INPROCESS))
+    assert targets["cnn_64c_json_rps"]["value"] == pytest.approx(2.0)
+    assert targets["cnn_64c_json_rps"]["status"] == "PASS"
+    assert targets["cnn_64c_binary_rps"]["value"] == pytest.approx(2.35)
+    assert targets["cnn_64c_binary_rps"]["status"] == "FAIL"
+    assert targets["cnn_32row_ceiling"]["value"] == pytest.approx(0.75)
+    assert targets["cnn_32row_ceiling"]["status"] == "PASS"
+    assert targets["lstm_64c_json_batching"]["value"] == pytest.approx(1.8)
+    assert targets["lstm_64c_json_batching"]["status"] == "PASS"
+    assert targets["cnn_64c_json_p99"]["value"] == pytest.approx(1.0)
+    assert targets["cnn_64c_json_p99"]["status"] == "FAIL"
+    assert targets["cnn_1c_json_p50"]["status"] == "PASS"
+
+
+def test_a_missing_or_failing_cell_fails_its_target_with_a_note():
+    cells = [
+        c
+        for c in _fake_cells()
+        if not (c["server"] == "baseline" and c["model"] == "cnn" and c["conns"] == 64)
+    ]
+    for c in cells:
+        if c["model"] == "lstm" and c["batching"] == "off" and c["protocol"] == "v2_json":
+            c["failed_requests"] = 3
+        if c["model"] == "cnn" and c["conns"] == 1 and c["server"] == "onnxserve":
+            c["noisy"] = True
+    targets = _by_id(bench.evaluate_targets(cells, INPROCESS))
+    assert targets["cnn_64c_json_rps"]["status"] == "FAIL"
+    assert "not measured" in targets["cnn_64c_json_rps"]["note"]
+    assert targets["lstm_64c_json_batching"]["status"] == "FAIL"
+    assert "3 failed requests" in targets["lstm_64c_json_batching"]["note"]
+    assert "noisy" in targets["cnn_1c_json_p50"]["note"]
+
+
+def test_comparisons_are_against_the_baseline_with_the_same_connections():
+    cells = _fake_cells({("baseline", "cnn", "v2_json", 16, 1, "n/a"): 500.0})
+    bench.attach_comparisons(cells, INPROCESS)
+    cell = bench.find_cell(
+        cells, server="onnxserve", model="cnn", protocol="v1", conns=16, batching="on"
+    )
+    assert cell["vs_baseline"]["rps"] == pytest.approx(2.0)
+    assert cell["vs_batching_off"] == pytest.approx(1.0)
+    big = bench.find_cell(cells, server="onnxserve", model="cnn", rows=32, conns=16)
+    assert big["vs_ceiling"] == pytest.approx(32_000 / 64_000)
+
+
+def test_markdown_shows_every_target_and_cell():
+    cells = _fake_cells()
+    bench.attach_comparisons(cells, INPROCESS)
+    for c in cells:
+        c.update(cpu_pct={"server": 99.0, "wrk": 20.0}, other_cpu_pct={"server_cpus": 1.0})
+    results = {
+        "command": ".venv/bin/python -m loadtests.bench --quick",
+        "started": "t0",
+        "finished": "t1",
+        "load_average": {"start": [0.1, 0.1, 0.1], "end": [0.2, 0.2, 0.2]},
+        "machine": {
+            "cpu": "AMD EPYC",
+            "cores": 2,
+            "platform": "Linux",
+            "python": "3.11.7",
+            "wrk": "wrk 4.1.0",
+            "packages": {"onnxruntime": "1.2", "numpy": "2", "fastapi": "0.1", "uvicorn": "0.3"},
+        },
+        "config": {
+            "quick": True,
+            "seconds": 2,
+            "warmup": 1,
+            "server_cpus": "0",
+            "wrk_cpus": "1",
+            "threads": 1,
+            "repository": "model_repository",
+            "models": {"cnn": {"version": 1}},
+        },
+        "inprocess": INPROCESS,
+        "cells": cells,
+        "targets": bench.evaluate_targets(cells, INPROCESS),
+    }
+    text = bench.render_markdown(results)
+    assert "Quick mode" in text and "--quick" in text
+    assert len(re.findall(r"\*\*(PASS|FAIL)\*\*", text)) == len(bench.TARGETS)
+    table = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| onnxserve") or line.startswith("| baseline")
+    ]
+    assert len(table) == len(cells)
+    assert bench.render_docs(results).startswith("# Benchmarks")
+
+
+def test_plan_measures_compared_cells_side_by_side():
+    specs = bench.plan()
+    assert len(set(specs)) == len(specs)
+    labels = [s.label for s in specs]
+    base = labels.index("baseline cnn v2_json rows=1 conns=64")
+    assert labels[base + 1] == "onnxserve[batching on] cnn v2_json rows=1 conns=64"
+    assert labels[base + 2] == "onnxserve[batching off] cnn v2_json rows=1 conns=64"
+
+
+def test_report_order_groups_cells_by_server():
+    cells = _fake_cells()
+    cells.sort(key=bench.display_order)
+    servers = [(c["server"], c["batching"]) for c in cells]
+    assert servers == sorted(servers, key=bench.SERVERS.index)
+
+
+def test_server_commands():
+    base = bench.server_command("baseline", "n/a", Path("repo"), 1)
+    assert "loadtests.baselines.fastapi_baseline" in base and "--threads" in base
+    off = bench.server_command("onnxserve", "off", Path("repo"), 1)
+    assert off[-1] == "--no-batching" and "serve" in off
+    assert "--no-batching" not in bench.server_command("onnxserve", "on", Path("repo"), 1)
