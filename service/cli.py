@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         require_gpu=True if args.require_gpu else None,
         batching=False if args.no_batching else None,
         max_body_bytes=args.max_body_bytes,
+        jobs_root=args.jobs_root,
         log_level=args.log_level,
     )
     if not settings.repository.is_dir():
@@ -90,6 +91,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--require-gpu", action="store_true")
     s.add_argument("--no-batching", action="store_true", help="run each request on its own")
     s.add_argument("--max-body-bytes", type=int)
+    s.add_argument("--jobs-root", type=Path, help="enable /v1/jobs for files under this folder")
     s.add_argument("--log-level")
     s.add_argument("--access-log", action="store_true")
     s.set_defaults(func=_serve)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+
+if TYPE_CHECKING:  # the web stack is imported only where handlers are installed
+    from fastapi import FastAPI
+    from starlette.responses import Response
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,20 @@ class BadRequest(ServeError):
     status, reason = 400, "bad_request"
 
 
+class Forbidden(ServeError):
+    """Something this server does not allow (e.g. a job path outside the jobs root)."""
+
+    status, reason = 403, "forbidden"
+
+
 class NotFound(ServeError):
     status, reason = 404, "not_found"
+
+
+class Conflict(ServeError):
+    """The request clashes with work in progress (e.g. two jobs writing one output)."""
+
+    status, reason = 409, "conflict"
 
 
 class PayloadTooLarge(ServeError):
@@ -71,6 +84,8 @@ def error_body(message: str) -> bytes:
 
 def error_response(exc: ServeError) -> Response:
     """Render a ServeError as a JSON response."""
+    from starlette.responses import Response
+
     return Response(
         error_body(exc.message),
         status_code=exc.status,
@@ -81,6 +96,10 @@ def error_response(exc: ServeError) -> Response:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error to `{"error": ...}`; internal errors get a fixed message, logged in full."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.responses import Response
 
     async def serve_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServeError)

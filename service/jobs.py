@@ -21,7 +21,15 @@ from pydantic import BaseModel, Field
 
 from service.batcher import BACKGROUND
 from service.config import Settings
-from service.errors import NotFound, QueueFull, QueueTimeout, ServeError, Unavailable
+from service.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    QueueFull,
+    QueueTimeout,
+    ServeError,
+    Unavailable,
+)
 from service.repository import LoadedModel, Repository
 from service.scoring.engine import Arrays, BadInput, Infer, run
 from service.scoring.plan import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_ROWS, Plan, prepare
@@ -31,10 +39,6 @@ log = logging.getLogger(__name__)
 STATE_DIR = ".onnxserve-jobs"
 IN_FLIGHT = 2  # batcher pieces per job at once
 RETRIES = 100  # a busy queue refuses background work: wait and retry, this many times in a row
-
-
-class Forbidden(ServeError):
-    status, reason = 403, "forbidden"
 
 
 class JobState(StrEnum):
@@ -129,7 +133,7 @@ class JobManager:
         busy = [j.id for j in self.jobs.values() if j.state in LIVE
                 and self._inside(j.output, "output") == output]  # fmt: skip
         if busy:
-            raise Forbidden(f"job {busy[0]} is writing to {spec.output!r}; cancel it or wait")
+            raise Conflict(f"job {busy[0]} is writing to {spec.output!r}; cancel it or wait")
         job = Job(
             **spec.model_dump(),
             id=uuid.uuid4().hex[:12],

@@ -3,7 +3,8 @@
 One implementation serves the three ways to run it: `onnxserve score` in-process or against a
 server (`--url`), jobs inside the server (`/v1/jobs`), and Ray Data (`--engine ray`).
 
-- `readers` turns a file into chunks of rows (bad rows set aside with a reason),
+- `readers` turns a file into chunks of rows (bad rows set aside with a reason); `arrow` turns
+  Arrow columns into rows, for the Parquet reader and the Ray engine,
 - `plan` checks everything that can fail before work starts and fixes the job's fingerprint,
 - `writer` commits part files chunk by chunk under an atomically replaced manifest,
 - `engine` runs the chunks through any async `infer` (local ORT, HTTP, the server's batcher).

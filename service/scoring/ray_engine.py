@@ -24,8 +24,9 @@ import numpy as np
 
 from service.model_config import ModelConfig
 from service.scoring import ScoringError
+from service.scoring.arrow import arrow_matrix
 from service.scoring.plan import ModelInput, Plan
-from service.scoring.readers import CsvReader, arrow_matrix, make_chunk
+from service.scoring.readers import CsvReader, make_chunk
 from service.scoring.writer import ERRORS, ERRORS_HEADER, SUMMARY, Summary, write_atomic
 
 ROW_ID = "id"  # the column `ray.data.range` adds

@@ -40,7 +40,9 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def result_table(config: ModelConfig, rows: np.ndarray, outputs: dict[str, np.ndarray] | None):
+def result_table(
+    config: ModelConfig, rows: np.ndarray, outputs: dict[str, np.ndarray] | None
+) -> Any:
     """`row` and the task's columns (`postprocess.predictions`) as an Arrow table.
 
     2-D columns (probabilities) become fixed-size lists. `outputs` None means no row was scored.
@@ -176,10 +178,10 @@ class Output:
         self._lock = lock
         self.check(fingerprint)
         manifest = self.manifest() or Manifest(fingerprint, total_rows)
-        for path in self.folder.iterdir():
-            name = path.name
-            stale = name.startswith("part-") and name >= part_name(manifest.chunks_done)
-            if stale or name.startswith(TMP_PREFIX):
+        for path in self.folder.iterdir():  # parts past the last commit, and temp files
+            index = path.name.removeprefix("part-").removesuffix(".parquet")
+            stale = path.name.startswith("part-") and index.isdigit()
+            if (stale and int(index) >= manifest.chunks_done) or path.name.startswith(TMP_PREFIX):
                 path.unlink()
         errors = self.folder / ERRORS
         if manifest.errors_bytes == len(ERRORS_HEADER):
