@@ -31,6 +31,7 @@ serve: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: build lint
 	$(BIN)/python -m pytest

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +67,6 @@ class Settings(BaseSettings):
         return BatchingOverride(**merged)
 
 
-def get_settings(**overrides: object) -> Settings:
+def get_settings(**overrides: Any) -> Settings:
     """Build settings from the environment, with explicit overrides (e.g. CLI flags) on top."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -157,10 +157,11 @@ class Repository:
         else:
             if not version.isdigit():
                 raise BadRequest(f"model version must be a positive integer, got {version!r}")
-            model = versions.get(int(version))
-            if model is None:
+            found = versions.get(int(version))
+            if found is None:
                 served = ", ".join(str(v) for v in sorted(versions))
                 raise NotFound(f"model '{name}' has no version {version} loaded (loaded: {served})")
+            model = found
         if not model.ready:
             raise Unavailable(f"model '{name}' is not ready: {model.not_ready_reason}")
         return model

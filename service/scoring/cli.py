@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from service.scoring import ScoringError
 from service.scoring.plan import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_ROWS, local_model, prepare
@@ -84,7 +85,7 @@ class ProgressBar:
 
     def __init__(self, label: str, enabled: bool) -> None:
         self.label, self.enabled = label, enabled
-        self.bar = None
+        self.bar: Any = None
 
     def __call__(self, manifest: Manifest) -> None:
         from tqdm import tqdm

@@ -170,7 +170,7 @@ def _write(ray: Any, plan: Plan, scored: Any, started: float) -> Summary:
     errors = pa.concat_tables(ray.get(failed)).sort_by("row") if failed else None
     n_errors = errors.num_rows if errors is not None else 0
     text = io.StringIO()
-    if n_errors:
+    if errors is not None:
         csv.writer(text, lineterminator="\n").writerows(
             zip(errors["row"].to_pylist(), errors["error"].to_pylist(), strict=True)
         )

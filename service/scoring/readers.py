@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,7 +278,7 @@ class CsvReader(Reader):
         return matrix.astype(self.dtype), bad
 
 
-READERS: dict[str, type[Reader]] = {
+READERS: dict[str, Callable[..., Reader]] = {
     ".npy": NpyReader,
     ".parquet": ParquetReader,
     ".pq": ParquetReader,

@@ -216,10 +216,10 @@ class Output:
         if errors:
             text = io.StringIO()
             csv.writer(text, lineterminator="\n").writerows(errors)
-            with (self.folder / ERRORS).open("r+b") as f:
-                f.seek(manifest.errors_bytes)
-                f.write(text.getvalue().encode())
-                f.truncate()
+            with (self.folder / ERRORS).open("r+b") as ef:
+                ef.seek(manifest.errors_bytes)
+                ef.write(text.getvalue().encode())
+                ef.truncate()
                 f.flush()
                 os.fsync(f.fileno())
                 manifest.errors_bytes = f.tell()
