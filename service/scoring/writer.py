@@ -220,9 +220,9 @@ class Output:
                 ef.seek(manifest.errors_bytes)
                 ef.write(text.getvalue().encode())
                 ef.truncate()
-                f.flush()
-                os.fsync(f.fileno())
-                manifest.errors_bytes = f.tell()
+                ef.flush()
+                os.fsync(ef.fileno())
+                manifest.errors_bytes = ef.tell()
         manifest.chunks_done += 1
         manifest.rows_done += count
         manifest.scored += table.num_rows
