@@ -35,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from loadtests.bench import LUA_SCRIPT, free_port, manifest_text, parse_wrk_output
+from loadtests.bench.payloads import manifest_text
+from loadtests.bench.wrk import parse_wrk_output, wrk_command
+from loadtests.serverproc import free_port, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTIONS = 16
@@ -151,8 +153,6 @@ def write_input(repository: Path, path: Path, rows: int, layout: str) -> Path:
 # -- a server and wrk ------------------------------------------------------------------------
 @contextlib.contextmanager
 def server(repository: Path, jobs_root: Path, port: int, log: Path) -> Iterator[str]:
-    import httpx
-
     cmd = [
         sys.executable,
         "-m",
@@ -165,20 +165,10 @@ def server(repository: Path, jobs_root: Path, port: int, log: Path) -> Iterator[
         "--models",
         "cnn",
     ]
-    env = {**os.environ, "ONNXSERVE_JOBS_ROOT": str(jobs_root)}
-    with log.open("wb") as sink:
-        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    env = {"ONNXSERVE_JOBS_ROOT": str(jobs_root)}
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                    break
-            time.sleep(0.2)
+    with serving(cmd, log, f"{url}/v2/health/ready", env=env, timeout_s=60, stop_wait_s=30):
         yield url
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 def wrk(url: str, workdir: Path, repository: Path, seconds: int) -> dict[str, Any]:
@@ -197,19 +187,7 @@ def wrk(url: str, workdir: Path, repository: Path, seconds: int) -> dict[str, An
         entries.append(("/v2/models/cnn/infer", body, {"Content-Type": "application/json"}))
     manifest = workdir / "requests.tsv"
     manifest.write_text(manifest_text(entries))
-    cmd = [
-        "wrk",
-        "-t1",
-        f"-c{CONNECTIONS}",
-        f"-d{seconds}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(LUA_SCRIPT),
-        url,
-        "--",
-        str(manifest),
-    ]
+    cmd = wrk_command(url, manifest, CONNECTIONS, seconds)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     doc = parse_wrk_output(out)
     latency = doc["latency_us"]

@@ -16,9 +16,9 @@ _SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([A-Za-z_]\w*)="((?:[^"\\]|\\.)*)"')
 
 
-def parse_metrics(text: str) -> dict[Key, float]:
-    """Prometheus text exposition -> {(name, sorted labels): value} (comments skipped)."""
-    samples: dict[Key, float] = {}
+def parse_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of a Prometheus text exposition as (name, labels, value), comments skipped."""
+    samples = []
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
@@ -30,9 +30,29 @@ def parse_metrics(text: str) -> dict[Key, float]:
             number = float(value)
         except ValueError:
             continue
-        pairs = tuple(sorted(_LABEL.findall(labels or "")))
-        samples[(name, pairs)] = number
+        samples.append((name, dict(_LABEL.findall(labels or "")), number))
     return samples
+
+
+def parse_metrics(text: str) -> dict[Key, float]:
+    """Prometheus text exposition -> {(name, sorted labels): value} (comments skipped)."""
+    return {(name, tuple(sorted(labels.items()))): v for name, labels, v in parse_samples(text)}
+
+
+def counter_total(text: str, name: str, model: str) -> float:
+    """A counter summed over the versions of one model, from one scrape."""
+    return sum(
+        v for n, labels, v in parse_samples(text) if n == name and labels.get("model") == model
+    )
+
+
+def mean_batch_size(before: str, after: str, model: str) -> float | None:
+    """Rows per executed batch of one model between two scrapes; None if nothing ran."""
+    rows, runs = (
+        counter_total(after, name, model) - counter_total(before, name, model)
+        for name in ("onnxserve_inference_count_total", "onnxserve_inference_exec_count_total")
+    )
+    return rows / runs if runs > 0 else None
 
 
 def metric_delta(before: dict[Key, float], after: dict[Key, float]) -> dict[Key, float]:

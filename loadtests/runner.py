@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ import psutil
 from loadtests import report
 from loadtests.payloads import load_samples, parse_mix
 from loadtests.prom import metric_delta, parse_metrics, server_view
+from loadtests.serverproc import ServerNotReady, free_port, start, stop, wait_ready
 from loadtests.timing import read_timings, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,44 +239,22 @@ def preflight(url: str, repository: Path, models: list[str]) -> None:
             raise LoadTestError(str(exc)) from None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def local_server(repository: Path, log: Path, args: list[str] | None = None) -> Iterator[str]:
     """`onnxserve serve` on a free loopback port until ready; yields its URL, stops it after."""
-    port = _free_port()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--repository", str(repository),
-             "--host", "127.0.0.1", "--port", str(port), *(args or [])],
-            stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT,
-        )  # fmt: skip
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--repository", str(repository),
+           "--host", "127.0.0.1", "--port", str(port), *(args or [])]  # fmt: skip
+    process = start(cmd, log)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                tail = log.read_text(errors="replace")[-2000:]
-                raise LoadTestError(f"the local server exited with {proc.returncode}:\n{tail}")
-            with contextlib.suppress(LoadTestError):
-                fetch(f"{url}/v2/health/ready", timeout=2)
-                break
-            if time.monotonic() > deadline:
-                raise LoadTestError(f"the local server was not ready in 120 s; see {log}")
-            time.sleep(0.3)
+        try:
+            wait_ready(process, f"{url}/v2/health/ready", log, poll_s=0.3)
+        except ServerNotReady as exc:
+            raise LoadTestError(f"the local server did not start: {exc}") from None
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(process)
 
 
 # -- one run ------------------------------------------------------------------------------------

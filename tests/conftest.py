@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
+
+from loadtests import serverproc
+from loadtests.serverproc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = Path(os.environ.get("ONNXSERVE_TEST_REPOSITORY", ROOT / "model_repository"))
@@ -42,12 +42,6 @@ def samples(repository: Path, model: str) -> np.ndarray:
         return data["inputs"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Server:
     url: str
@@ -65,31 +59,20 @@ def run_server(
     """`onnxserve serve` in a subprocess on a free loopback port, until ready; stopped after."""
     port = free_port()
     log = tmp / f"server-{port}.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--repository", str(repository),
-             "--host", "127.0.0.1", "--port", str(port), *args],
-            stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=ROOT,
-        )  # fmt: skip
+    process = serverproc.start(
+        [sys.executable, "-m", "service.cli", "serve", "--repository", str(repository),
+         "--host", "127.0.0.1", "--port", str(port), *args],
+        log, env=env,
+    )  # fmt: skip
     server = Server(f"http://127.0.0.1:{port}", process, log)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{server.output()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in 90 s:\n{server.output()}")
-            time.sleep(0.2)
+        try:
+            serverproc.wait_ready(process, f"{server.url}/v2/health/ready", log, timeout_s=90)
+        except serverproc.ServerNotReady as exc:
+            pytest.fail(str(exc))
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        serverproc.stop(process)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,19 @@ import numpy as np
 import orjson
 import pytest
 
-from loadtests import bench
+from loadtests.bench.cells import SERVERS, display_order, plan, server_command
+from loadtests.bench.cpu import foreign_cpu_pct, parse_cpu_list, parse_cpu_times, parse_proc_stat
+from loadtests.bench.payloads import make_payload, manifest_text, request_rows
+from loadtests.bench.render import render_docs, render_markdown
+from loadtests.bench.targets import (
+    TARGETS,
+    attach_comparisons,
+    evaluate,
+    evaluate_targets,
+    find_cell,
+)
+from loadtests.bench.wrk import BENCH_JSON, LUA_SCRIPT, parse_wrk_output
+from loadtests.prom import counter_total, mean_batch_size, parse_samples
 from service.codec import decode_request
 
 pytestmark = pytest.mark.unit
@@ -25,7 +37,7 @@ WRK_LINE = (
 # -- wrk ------------------------------------------------------------------------------------------
 def test_wrk_json_line_is_found_among_wrk_chatter():
     text = f"Running 4s test @ http://127.0.0.1:8000\n  1 threads and 64 connections\n{WRK_LINE}\n"
-    doc = bench.parse_wrk_output(text)
+    doc = parse_wrk_output(text)
     assert doc["rps"] == pytest.approx(5000.0)
     assert doc["duration_s"] == pytest.approx(4.0)
     assert doc["latency_us"]["p99"] == 3000.0 and doc["latency_us"]["p99.9"] == 5000.0
@@ -35,18 +47,18 @@ def test_wrk_json_line_is_found_among_wrk_chatter():
 
 def test_wrk_nan_from_an_empty_histogram_becomes_null():
     line = WRK_LINE.replace('"stdev":50.0', '"stdev":-nan').replace('"mean":900.5', '"mean":nan')
-    doc = bench.parse_wrk_output(line)
+    doc = parse_wrk_output(line)
     assert doc["latency_us"]["stdev"] is None and doc["latency_us"]["mean"] is None
 
 
 def test_wrk_output_without_the_json_line_is_an_error():
     with pytest.raises(ValueError, match="BENCH_JSON"):
-        bench.parse_wrk_output("unable to connect to 127.0.0.1:9 Connection refused\n")
+        parse_wrk_output("unable to connect to 127.0.0.1:9 Connection refused\n")
 
 
 def test_lua_script_prints_every_field_the_parser_reads():
-    lua = bench.LUA_SCRIPT.read_text()
-    assert bench.BENCH_JSON in lua
+    lua = LUA_SCRIPT.read_text()
+    assert BENCH_JSON in lua
     for key in ("requests", "duration_us", "connect", "read", "write", "status", "timeout"):
         assert f'"{key}":' in lua
     for p in ("p50", "p75", "p90", "p99", "p99.9"):
@@ -55,7 +67,7 @@ def test_lua_script_prints_every_field_the_parser_reads():
 
 
 def test_manifest_has_path_file_and_headers_per_line(tmp_path: Path):
-    text = bench.manifest_text(
+    text = manifest_text(
         [
             ("/v2/models/cnn/infer", tmp_path / "a.body", {"Content-Type": "application/json"}),
             ("/v1/models/cnn:predict", tmp_path / "b.body", {"A": "1", "B": "2"}),
@@ -73,13 +85,13 @@ def test_manifest_has_path_file_and_headers_per_line(tmp_path: Path):
 
 def test_manifest_refuses_tabs_in_fields(tmp_path: Path):
     with pytest.raises(ValueError, match="tab"):
-        bench.manifest_text([("/x", tmp_path / "a", {"H": "a\tb"})])
+        manifest_text([("/x", tmp_path / "a", {"H": "a\tb"})])
 
 
 # -- payloads -------------------------------------------------------------------------------------
 def test_binary_payload_decodes_to_the_same_array_with_the_service_codec():
     x = np.arange(2 * 1 * 28 * 28, dtype=np.float32).reshape(2, 1, 28, 28) / 7
-    payload = bench.make_payload("cnn", "v2_binary", "image", x)
+    payload = make_payload("cnn", "v2_binary", "image", x)
     assert payload.path == "/v2/models/cnn/infer"
     request = decode_request(payload.body, payload.headers["Inference-Header-Content-Length"])
     np.testing.assert_array_equal(request.inputs["image"], x)
@@ -88,26 +100,26 @@ def test_binary_payload_decodes_to_the_same_array_with_the_service_codec():
 
 def test_json_payload_decodes_to_the_same_array_with_the_service_codec():
     x = np.random.default_rng(0).random((1, 52, 1), dtype=np.float32)
-    payload = bench.make_payload("lstm", "v2_json", "series", x)
+    payload = make_payload("lstm", "v2_json", "series", x)
     assert payload.headers == {"Content-Type": "application/json"}
     np.testing.assert_array_equal(decode_request(payload.body).inputs["series"], x)
 
 
 def test_v1_payload_holds_one_instance_per_row():
     x = np.ones((3, 1, 2, 2), dtype=np.float32)
-    payload = bench.make_payload("cnn", "v1", "image", x)
+    payload = make_payload("cnn", "v1", "image", x)
     assert payload.path == "/v1/models/cnn:predict"
     assert np.asarray(orjson.loads(payload.body)["instances"]).shape == (3, 1, 2, 2)
 
 
 def test_unknown_protocol_is_refused():
     with pytest.raises(ValueError):
-        bench.make_payload("cnn", "grpc", "image", np.zeros((1, 1), np.float32))
+        make_payload("cnn", "grpc", "image", np.zeros((1, 1), np.float32))
 
 
 def test_request_rows_wrap_round_the_samples():
     samples = np.arange(5, dtype=np.float32)[:, None]
-    parts = bench.request_rows(samples, 3, 2)
+    parts = request_rows(samples, 3, 2)
     assert [p[:, 0].tolist() for p in parts] == [[0, 1, 2], [3, 4, 0]]
 
 
@@ -127,13 +139,13 @@ onnxserve_inference_exec_count_total{{model="lstm",version="1"}} 10.0
 
 def test_mean_batch_size_is_rows_over_runs_between_scrapes():
     before, after = _exposition(100.0, 50.0), _exposition(100.0 + 640, 50.0 + 20)
-    assert bench.mean_batch_size(before, after, "cnn") == pytest.approx(32.0)
+    assert mean_batch_size(before, after, "cnn") == pytest.approx(32.0)
 
 
 def test_mean_batch_size_is_none_when_nothing_ran():
     text = _exposition(10.0, 5.0)
-    assert bench.mean_batch_size(text, text, "cnn") is None
-    assert bench.mean_batch_size("", "", "cnn") is None
+    assert mean_batch_size(text, text, "cnn") is None
+    assert mean_batch_size("", "", "cnn") is None
 
 
 def test_counter_is_summed_over_versions():
@@ -141,44 +153,44 @@ def test_counter_is_summed_over_versions():
         'onnxserve_inference_count_total{model="cnn",version="1"} 3\n'
         'onnxserve_inference_count_total{model="cnn",version="2"} 4\n'
     )
-    assert bench.counter_total(text, "onnxserve_inference_count_total", "cnn") == 7
+    assert counter_total(text, "onnxserve_inference_count_total", "cnn") == 7
 
 
 def test_prometheus_labels_with_escaped_quotes_and_commas():
-    samples = bench.parse_prometheus('m{a="x\\"y",b="1,2"} 5e0\nbad line\n# comment\nn 2\n')
+    samples = parse_samples('m{a="x\\"y",b="1,2"} 5e0\nbad line\n# comment\nn 2\n')
     assert samples == [("m", {"a": 'x\\"y', "b": "1,2"}, 5.0), ("n", {}, 2.0)]
 
 
 def test_proc_stat_with_spaces_and_parens_in_the_command_name():
     fields = ["S"] + ["0"] * 10 + ["150", "25"] + ["0"] * 30
     text = "1234 (py (thon) x) " + " ".join(fields)
-    assert bench.parse_proc_stat(text) == 175
+    assert parse_proc_stat(text) == 175
 
 
 def test_foreign_cpu_is_busy_time_not_ours():
-    before = bench.parse_cpu_times(
+    before = parse_cpu_times(
         "cpu  1 2 3 4\ncpu0 100 0 50 800 10 0 0 0 0 0\ncpu1 10 0 10 900 0 0 0 0 0 0\n"
     )
-    after = bench.parse_cpu_times(
+    after = parse_cpu_times(
         "cpu  1 2 3 4\ncpu0 160 0 90 800 10 0 0 0 0 0\ncpu1 10 0 10 1000 0 0 0 0 0 0\n"
     )
     assert before[0] == (150, 960)
     # cpu0: 100 ticks busy of 100; we used 80 of them
-    assert bench.foreign_cpu_pct(before, after, [0], own_ticks=80) == pytest.approx(20.0)
-    assert bench.foreign_cpu_pct(before, after, [1], own_ticks=0) == 0.0
-    assert bench.foreign_cpu_pct(before, after, [0], own_ticks=500) == 0.0
+    assert foreign_cpu_pct(before, after, [0], own_ticks=80) == pytest.approx(20.0)
+    assert foreign_cpu_pct(before, after, [1], own_ticks=0) == 0.0
+    assert foreign_cpu_pct(before, after, [0], own_ticks=500) == 0.0
 
 
 @pytest.mark.parametrize(
     ("text", "cpus"), [("0", [0]), ("1,0", [0, 1]), ("0-3", [0, 1, 2, 3]), ("2-3,0", [0, 2, 3])]
 )
 def test_cpu_lists(text: str, cpus: list[int]):
-    assert bench.parse_cpu_list(text) == cpus
+    assert parse_cpu_list(text) == cpus
 
 
 def test_empty_cpu_list_is_refused():
     with pytest.raises(ValueError):
-        bench.parse_cpu_list(" ")
+        parse_cpu_list(" ")
 
 
 # -- targets ---------------------------------------------------------------------------------------
@@ -194,18 +206,18 @@ def test_empty_cpu_list_is_refused():
     ],
 )
 def test_target_rule(value, op, threshold, failed, status):
-    assert bench.evaluate(value, op, threshold, failed) == status
+    assert evaluate(value, op, threshold, failed) == status
 
 
 def test_unknown_operator_is_an_error():
     with pytest.raises(ValueError):
-        bench.evaluate(1.0, "==", 1.0)
+        evaluate(1.0, "==", 1.0)
 
 
 def _fake_cells(rps: dict[tuple, float] | None = None) -> list[dict]:
     """Every planned cell, measured: 1000 req/s, p50 1 ms, p99 10 ms unless `rps` says."""
     cells = []
-    for spec in bench.plan():
+    for spec in plan():
         key = (spec.server, spec.model, spec.protocol, spec.conns, spec.rows, spec.batching)
         value = (rps or {}).get(key, 1000.0)
         cells.append(
@@ -249,8 +261,8 @@ def _by_id(targets: list[dict]) -> dict[str, dict]:
 
 
 def test_every_target_finds_its_cells_in_the_plan():
-    targets = bench.evaluate_targets(_fake_cells(), INPROCESS)
-    assert {t["id"] for t in targets} == {t.id for t in bench.TARGETS}
+    targets = evaluate_targets(_fake_cells(), INPROCESS)
+    assert {t["id"] for t in targets} == {t.id for t in TARGETS}
     for t in targets:
         assert t["value"] is not None, t["id"]
         assert "not measured" not in t["note"]
@@ -268,7 +280,7 @@ def test_targets_compare_the_right_cells():
             ("onnxserve", "lstm", "v2_json", 64, 1, off): 1000.0,
         }
     )
-    targets = _by_id(bench.evaluate_targets(cells, INPROCESS))
+    targets = _by_id(evaluate_targets(cells, INPROCESS))
     assert targets["cnn_64c_json_rps"]["value"] == pytest.approx(2.0)
     assert targets["cnn_64c_json_rps"]["status"] == "PASS"
     assert targets["cnn_64c_binary_rps"]["value"] == pytest.approx(2.35)
@@ -293,7 +305,7 @@ def test_a_missing_or_failing_cell_fails_its_target_with_a_note():
             c["failed_requests"] = 3
         if c["model"] == "cnn" and c["conns"] == 1 and c["server"] == "onnxserve":
             c["noisy"] = True
-    targets = _by_id(bench.evaluate_targets(cells, INPROCESS))
+    targets = _by_id(evaluate_targets(cells, INPROCESS))
     assert targets["cnn_64c_json_rps"]["status"] == "FAIL"
     assert "not measured" in targets["cnn_64c_json_rps"]["note"]
     assert targets["lstm_64c_json_batching"]["status"] == "FAIL"
@@ -303,19 +315,17 @@ def test_a_missing_or_failing_cell_fails_its_target_with_a_note():
 
 def test_comparisons_are_against_the_baseline_with_the_same_connections():
     cells = _fake_cells({("baseline", "cnn", "v2_json", 16, 1, "n/a"): 500.0})
-    bench.attach_comparisons(cells, INPROCESS)
-    cell = bench.find_cell(
-        cells, server="onnxserve", model="cnn", protocol="v1", conns=16, batching="on"
-    )
+    attach_comparisons(cells, INPROCESS)
+    cell = find_cell(cells, server="onnxserve", model="cnn", protocol="v1", conns=16, batching="on")
     assert cell["vs_baseline"]["rps"] == pytest.approx(2.0)
     assert cell["vs_batching_off"] == pytest.approx(1.0)
-    big = bench.find_cell(cells, server="onnxserve", model="cnn", rows=32, conns=16)
+    big = find_cell(cells, server="onnxserve", model="cnn", rows=32, conns=16)
     assert big["vs_ceiling"] == pytest.approx(32_000 / 64_000)
 
 
 def test_markdown_shows_every_target_and_cell():
     cells = _fake_cells()
-    bench.attach_comparisons(cells, INPROCESS)
+    attach_comparisons(cells, INPROCESS)
     for c in cells:
         c.update(cpu_pct={"server": 99.0, "wrk": 20.0}, other_cpu_pct={"server_cpus": 1.0})
     results = {
@@ -343,22 +353,22 @@ def test_markdown_shows_every_target_and_cell():
         },
         "inprocess": INPROCESS,
         "cells": cells,
-        "targets": bench.evaluate_targets(cells, INPROCESS),
+        "targets": evaluate_targets(cells, INPROCESS),
     }
-    text = bench.render_markdown(results)
+    text = render_markdown(results)
     assert "Quick mode" in text and "--quick" in text
-    assert len(re.findall(r"\*\*(PASS|FAIL)\*\*", text)) == len(bench.TARGETS)
+    assert len(re.findall(r"\*\*(PASS|FAIL)\*\*", text)) == len(TARGETS)
     table = [
         line
         for line in text.splitlines()
         if line.startswith("| onnxserve") or line.startswith("| baseline")
     ]
     assert len(table) == len(cells)
-    assert bench.render_docs(results).startswith("# Benchmarks")
+    assert render_docs(results).startswith("# Benchmarks")
 
 
 def test_plan_measures_compared_cells_side_by_side():
-    specs = bench.plan()
+    specs = plan()
     assert len(set(specs)) == len(specs)
     labels = [s.label for s in specs]
     base = labels.index("baseline cnn v2_json rows=1 conns=64")
@@ -368,14 +378,14 @@ def test_plan_measures_compared_cells_side_by_side():
 
 def test_report_order_groups_cells_by_server():
     cells = _fake_cells()
-    cells.sort(key=bench.display_order)
+    cells.sort(key=display_order)
     servers = [(c["server"], c["batching"]) for c in cells]
-    assert servers == sorted(servers, key=bench.SERVERS.index)
+    assert servers == sorted(servers, key=SERVERS.index)
 
 
 def test_server_commands():
-    base = bench.server_command("baseline", "n/a", Path("repo"), 1)
+    base = server_command("baseline", "n/a", Path("repo"), 1)
     assert "loadtests.baselines.fastapi_baseline" in base and "--threads" in base
-    off = bench.server_command("onnxserve", "off", Path("repo"), 1)
+    off = server_command("onnxserve", "off", Path("repo"), 1)
     assert off[-1] == "--no-batching" and "serve" in off
-    assert "--no-batching" not in bench.server_command("onnxserve", "on", Path("repo"), 1)
+    assert "--no-batching" not in server_command("onnxserve", "on", Path("repo"), 1)

@@ -1,1 +1,1 @@
-"""Servers that onnxserve is measured against (see loadtests/bench.py)."""
+"""Servers that onnxserve is measured against (see loadtests/bench/)."""

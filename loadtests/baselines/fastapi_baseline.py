@@ -2,7 +2,7 @@
 
 A plain FastAPI app with an async endpoint at the same v2 path, orjson in and out, one ONNX
 Runtime call per request and no batching, served by uvicorn (httptools, uvloop, one worker).
-It speaks v2 JSON only; `loadtests/bench.py` measures onnxserve against it.
+It speaks v2 JSON only; `loadtests/bench/` measures onnxserve against it.
 
     python -m loadtests.baselines.fastapi_baseline --repository model_repository --port 8001
 """

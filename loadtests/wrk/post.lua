@@ -1,5 +1,5 @@
 -- POST requests for wrk, cycled from a manifest; prints the results as one JSON line.
--- Written for loadtests/bench.py, which writes the manifest and reads the JSON:
+-- Written for loadtests/bench/ (wrk.py, measure.py), which writes the manifest and reads the JSON:
 --   wrk -t1 -c64 -d8s -s loadtests/wrk/post.lua http://127.0.0.1:8000 -- requests.tsv
 -- Manifest: one request per line, tab-separated: path, body file, then "Name: value" headers.
 -- Requests are formatted once in init() and only cycled per request (cheap for the generator).

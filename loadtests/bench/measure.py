@@ -1,0 +1,163 @@
+"""One load cell against a running server: preflight, warm-up, wrk, both processes' CPU and the
+server's mean batch size."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtests.bench.cells import NOISY_PCT, WRK_SATURATED_PCT, CellSpec
+from loadtests.bench.cpu import cpu_times, foreign_cpu_pct, parse_cpu_list, process_ticks
+from loadtests.bench.models import ModelInfo
+from loadtests.bench.payloads import (
+    DISTINCT_BODIES,
+    Payload,
+    make_payload,
+    manifest_text,
+    request_rows,
+)
+from loadtests.bench.wrk import parse_wrk_output, run_wrk
+from loadtests.prom import mean_batch_size
+from loadtests.serverproc import free_port, serving
+
+
+def http(
+    url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 10
+) -> tuple[int, bytes]:
+    """GET (or POST when there is a body): status and body; 0 when unreachable."""
+    request = urllib.request.Request(url, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+@dataclass
+class Server:
+    """A server process under test."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+    has_metrics: bool
+
+
+@contextlib.contextmanager
+def start_server(cmd: list[str], cpus: str, log: Path, has_metrics: bool) -> Iterator[Server]:
+    """Start `cmd` (which must take --port) pinned to `cpus`; yield once /v2/health/ready is 200."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [*cmd, "--port", str(port)]
+    with serving(cmd, log, f"{url}/v2/health/ready", cpus=cpus) as process:
+        yield Server(url, process, log, has_metrics)
+
+
+def check_payload(url: str, payload: Payload) -> str | None:
+    """None if the server answers the request with 200 and a body; else what went wrong."""
+    status, body = http(url + payload.path, payload.body, payload.headers)
+    if status != 200:
+        return f"preflight answered {status}: {body[:300]!r}"
+    head = payload.headers.get("Inference-Header-Content-Length")
+    if head is not None and b"binary_data_size" not in body:
+        return "preflight: binary outputs were asked for but not returned"
+    return None
+
+
+@dataclass
+class Options:
+    """How the run is set up."""
+
+    repository: Path
+    out: Path
+    quick: bool
+    seconds: int
+    warmup: int
+    server_cpus: str
+    wrk_cpus: str
+    threads: int
+
+    @property
+    def server_cpu_list(self) -> list[int]:
+        """The server's CPUs as numbers."""
+        return parse_cpu_list(self.server_cpus)
+
+    @property
+    def wrk_cpu_list(self) -> list[int]:
+        """wrk's CPUs as numbers."""
+        return parse_cpu_list(self.wrk_cpus)
+
+
+def write_manifest(spec: CellSpec, info: ModelInfo, workdir: Path) -> tuple[Path, Payload]:
+    """Bodies and the manifest for a cell (shared by cells of the same payload); first payload."""
+    stem = f"{spec.model}-{spec.protocol}-r{spec.rows}"
+    manifest = workdir / "payloads" / f"{stem}.tsv"
+    arrays = request_rows(info.samples, spec.rows, DISTINCT_BODIES)
+    payloads = [make_payload(spec.model, spec.protocol, info.input, a) for a in arrays]
+    if not manifest.exists():
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for k, p in enumerate(payloads):
+            body_file = manifest.parent / f"{stem}-{k}.body"
+            body_file.write_bytes(p.body)
+            entries.append((p.path, body_file, p.headers))
+        manifest.write_text(manifest_text(entries))
+    return manifest, payloads[0]
+
+
+def run_cell(spec: CellSpec, server: Server, info: ModelInfo, opts: Options) -> dict[str, Any]:
+    """Warm up, then measure one cell: wrk's figures, both processes' CPU, mean batch size."""
+    cell: dict[str, Any] = {**asdict(spec), "label": spec.label, "error": None}
+    manifest, first = write_manifest(spec, info, opts.out)
+    cell["body_bytes"] = len(first.body)
+    problem = check_payload(server.url, first)
+    if problem:
+        cell["error"] = problem
+        return cell
+    logs = opts.out / "logs"
+    slug = re.sub(r"[^a-z0-9]+", "-", spec.label.lower()).strip("-")
+    run_wrk(server.url, manifest, spec.conns, opts.warmup, opts.wrk_cpus, logs / f"{slug}.warm")
+    before = http(server.url + "/metrics")[1].decode() if server.has_metrics else ""
+    ticks0, cpus0 = process_ticks(server.process.pid), cpu_times()
+    text, wall, wrk_cpu = run_wrk(
+        server.url, manifest, spec.conns, opts.seconds, opts.wrk_cpus, logs / f"{slug}.wrk"
+    )
+    server_ticks, cpus1 = process_ticks(server.process.pid) - ticks0, cpu_times()
+    hz = os.sysconf("SC_CLK_TCK")
+    server_cpu = server_ticks / hz
+    other = {
+        "server_cpus": foreign_cpu_pct(cpus0, cpus1, opts.server_cpu_list, server_ticks),
+        "wrk_cpus": foreign_cpu_pct(cpus0, cpus1, opts.wrk_cpu_list, wrk_cpu * hz),
+    }
+    after = http(server.url + "/metrics")[1].decode() if server.has_metrics else ""
+    try:
+        doc = parse_wrk_output(text)
+    except ValueError as exc:
+        cell["error"] = str(exc)[:500]
+        return cell
+    cell.update(
+        rps=doc["rps"],
+        samples_per_s=doc["rps"] * spec.rows,
+        requests=doc["requests"],
+        duration_s=doc["duration_s"],
+        latency_us=doc["latency_us"],
+        errors={**doc["errors"], "non2xx": doc["non2xx"], "socket": doc["socket_errors"]},
+        failed_requests=doc["non2xx"] + doc["socket_errors"],
+        cpu_pct={"server": 100 * server_cpu / wall, "wrk": 100 * wrk_cpu / wall},
+        rps_per_server_cpu_s=doc["rps"] * wall / server_cpu if server_cpu > 0 else None,
+        other_cpu_pct=other,
+        noisy=other["server_cpus"] >= NOISY_PCT,
+        mean_batch_size=mean_batch_size(before, after, spec.model) if server.has_metrics else None,
+    )
+    cell["wrk_saturated"] = cell["cpu_pct"]["wrk"] >= WRK_SATURATED_PCT
+    return cell
