@@ -274,7 +274,6 @@ def main_run(args: argparse.Namespace) -> int:
         big = write_input(repository, work / "bytes-2x.parquet", 2 * rows, "bytes")
         load_before = os.getloadavg()
         report: dict[str, Any] = {
-            "note": "indicative: measured on a shared machine while colleagues' work ran",
             "cpus": os.cpu_count(),
             "rows": rows,
             "batch_size": args.batch_size,
