@@ -8,8 +8,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import __version__
-from service.config import Settings
-from service.dataplane import DataPlane
 from service.fastlane import answer_infer
 from service.metrics import CONTENT_TYPE, Metrics
 from service.repository import LoadedModel, Repository
@@ -36,17 +34,7 @@ def get_repository(request: Request) -> Repository:
     return request.app.state.repository
 
 
-def get_dataplane(request: Request) -> DataPlane:
-    return request.app.state.dataplane
-
-
-def get_settings_dep(request: Request) -> Settings:
-    return request.app.state.settings
-
-
 RepositoryDep = Annotated[Repository, Depends(get_repository)]
-DataPlaneDep = Annotated[DataPlane, Depends(get_dataplane)]
-SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 404, 413, 503, 504)
@@ -187,6 +175,15 @@ _PREDICT_DOC: dict[str, Any] = {
 async def predict(model: str, request: Request) -> Response:
     """Task-level predictions: labels and probabilities, anomaly flags, or forecasts."""
     return await _infer(request, "v1", model, None)
+
+
+@v1.post(
+    "/models/{model}/versions/{version}:predict", response_model=PredictResponseBody,
+    openapi_extra=_PREDICT_DOC,
+)  # fmt: skip
+async def predict_version(model: str, version: str, request: Request) -> Response:
+    """Task-level predictions from one version."""
+    return await _infer(request, "v1", model, version)
 
 
 # -- repository extension --------------------------------------------------------------------

@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics()
     repository = Repository(settings, metrics)
-    dataplane = DataPlane(repository)
+    dataplane = DataPlane(repository, settings.max_body_bytes)
     jobs = JobManager(settings, repository)
 
     @asynccontextmanager

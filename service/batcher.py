@@ -180,6 +180,10 @@ class Batcher:
 
         def fire() -> None:
             self._fill_timer = None
+            queued = [q[0].enqueued for q in self._queues if q]
+            if queued and time.perf_counter() < min(queued) + self.max_queue_delay_ms / 1000:
+                self._fill_later()  # the request this timer waited for has left: wait anew
+                return
             if self.depth and self._inflight < self.instances:
                 batch = self._take()
                 if batch:
@@ -227,15 +231,21 @@ class Batcher:
 
     def _launch(self, batch: list[Pending]) -> None:
         """Run one batch in a worker thread; `_finish` picks it up on the loop."""
-        if len(batch) == 1:
-            inputs = batch[0].inputs
-        else:
-            inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
-        self._inflight += 1
-        start = time.perf_counter()
         loop = self._loop
         assert loop is not None
-        work = self.executor.submit(self.run, inputs)
+        start = time.perf_counter()
+        try:
+            if len(batch) == 1:
+                inputs = batch[0].inputs
+            else:
+                inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
+            work = self.executor.submit(self.run, inputs)
+        except Exception as exc:  # nothing was started: every caller of the batch learns why
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        self._inflight += 1
         work.add_done_callback(
             lambda done: loop.call_soon_threadsafe(self._finish, batch, start, done)
         )

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.errors import BadRequest
+from service.errors import BadRequest, PayloadTooLarge
 from service.model_config import DATATYPES
 
 #: OIP datatype -> NumPy dtype, and back.
@@ -56,6 +56,13 @@ def _loads(raw: bytes | memoryview, what: str) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON in {what}: {exc}") from None
+
+
+def _parameters(spec: dict[str, Any], what: str) -> dict[str, Any]:
+    parameters = spec.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"{what}: 'parameters' must be an object")
+    return parameters
 
 
 def _shape(spec: dict[str, Any], name: str) -> tuple[int, ...]:
@@ -106,18 +113,21 @@ def _binary_tensor(raw: memoryview, name: str, dtype: np.dtype, shape: tuple[int
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def decompress(body: bytes, encoding: str | None) -> bytes:
-    """Undo a request's Content-Encoding (gzip or deflate, as tritonclient may send)."""
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo a request's Content-Encoding (gzip or deflate, as tritonclient may send), refusing
+    (413) a body that inflates past `limit` bytes."""
     if not encoding or encoding == "identity":
         return body
+    if encoding not in ("gzip", "deflate"):
+        raise BadRequest(f"unsupported Content-Encoding {encoding!r} (use gzip or deflate)")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
     try:
-        if encoding == "gzip":
-            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
-        if encoding == "deflate":
-            return zlib.decompress(body)
+        out = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
         raise BadRequest(f"body is not valid {encoding} data: {exc}") from None
-    raise BadRequest(f"unsupported Content-Encoding {encoding!r} (use gzip or deflate)")
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"{encoding} body inflates past the {limit}-byte limit")
+    return out
 
 
 def decode_request(body: bytes, header_length: str | None = None) -> InferRequest:
@@ -151,7 +161,7 @@ def decode_request(body: bytes, header_length: str | None = None) -> InferReques
         if name in inputs:
             raise BadRequest(f"input '{name}' given twice")
         shape, dtype = _shape(spec, name), _dtype(spec, name)
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+        size = _parameters(spec, f"input '{name}'").get("binary_data_size")
         if size is None:
             inputs[name] = _json_tensor(spec, name, dtype, shape)
             continue
@@ -162,9 +172,7 @@ def decode_request(body: bytes, header_length: str | None = None) -> InferReques
     if offset != len(rest):
         raise BadRequest(f"{len(rest) - offset} bytes of binary data belong to no input")
 
-    parameters = doc.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise BadRequest("'parameters' must be an object")
+    parameters = _parameters(doc, "request")
     binary_all = bool(parameters.get("binary_data_output", False))
     outputs = None
     if doc.get("outputs") is not None:
@@ -174,7 +182,7 @@ def decode_request(body: bytes, header_length: str | None = None) -> InferReques
         for out in doc["outputs"]:
             if not isinstance(out, dict) or not isinstance(out.get("name"), str):
                 raise BadRequest("each requested output needs a 'name'")
-            binary = (out.get("parameters") or {}).get("binary_data", binary_all)
+            binary = _parameters(out, f"output '{out['name']}'").get("binary_data", binary_all)
             outputs.append(RequestedOutput(out["name"], bool(binary)))
     request_id = doc.get("id")
     return InferRequest(

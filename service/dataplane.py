@@ -101,13 +101,18 @@ def _as_serve_error(exc: Exception) -> ServeError:
 class DataPlane:
     """The infer routes' logic over a Repository."""
 
-    def __init__(self, repository: Repository) -> None:
+    def __init__(self, repository: Repository, max_body_bytes: int) -> None:
         self.repository = repository
+        self.max_body_bytes = max_body_bytes
 
-    def _failed(self, name: str, version: str | None, exc: ServeError) -> Answer:
+    def failed(self, name: str, version: str | None, exc: ServeError) -> Answer:
+        """Count a refused request and answer it (unknown names stay out of the labels)."""
         versions = self.repository.loaded.get(name)
-        if versions:  # unknown names stay out of the metrics' labels
-            label = version if version in {str(v) for v in versions} else str(max(versions))
+        if versions:
+            if version is None:
+                label = str(max(versions))
+            else:
+                label = version if version in {str(v) for v in versions} else "unknown"
             self.repository.metrics.failure.labels(name, label, exc.reason).inc()
         return error_answer(exc)
 
@@ -123,14 +128,13 @@ class DataPlane:
         start = time.perf_counter()
         try:
             model = self.repository.get(name, version)
-            request = decode_request(
-                decompress(body, headers.get("content-encoding")), headers.get(HEADER_LENGTH)
-            )
+            raw = decompress(body, headers.get("content-encoding"), self.max_body_bytes)
+            request = decode_request(raw, headers.get(HEADER_LENGTH))
             validate_inputs(model.config, request.inputs)
             wanted = self._wanted_outputs(model.config, request)
             timeout = request.parameters.get("timeout")  # Triton: microseconds
             timeout_ms = None
-            if isinstance(timeout, int | float) and timeout > 0:
+            if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0:
                 timeout_ms = min(timeout / 1000, model.batching.timeout_ms)
             result = await model.batcher.submit(request.inputs, ONLINE, timeout_ms, gone)
             params = {k: v for k, v in request.parameters.items() if k not in _PROTOCOL_PARAMETERS}
@@ -148,7 +152,7 @@ class DataPlane:
                 params,
             )
         except Exception as exc:
-            return self._failed(name, version, _as_serve_error(exc))
+            return self.failed(name, version, _as_serve_error(exc))
         total = time.perf_counter() - start
         self._succeeded(model, result, total)
         answer_headers = {"server-timing": _timing(result, total)}
@@ -196,7 +200,7 @@ class DataPlane:
                 }
             )
         except Exception as exc:
-            return self._failed(name, version, _as_serve_error(exc))
+            return self.failed(name, version, _as_serve_error(exc))
         total = time.perf_counter() - start
         self._succeeded(model, result, total)
         return Answer(200, out, {"content-type": JSON, "server-timing": _timing(result, total)})
@@ -231,7 +235,7 @@ def v1_inputs(config: ModelConfig, body: bytes) -> dict[str, np.ndarray]:
             raise BadRequest(f"'instances' must hold {spec.datatype} numbers only") from None
         if len({r.size for r in rows}) != 1:
             raise BadRequest(f"instances of '{spec.name}' differ in size: give equal-sized rows")
-        row_shape = [d for d in spec.shape[1:]]
+        row_shape = list(spec.shape[1:])
         try:
             inputs[spec.name] = np.stack(rows).reshape([len(rows), *row_shape])
         except ValueError:

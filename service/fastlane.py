@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from service.dataplane import Answer, DataPlane, error_answer
+from service.dataplane import Answer, DataPlane
 from service.errors import ServeError
 from service.transport import disconnect_probe, read_body, send_answer
 
@@ -33,7 +33,7 @@ async def answer_infer(
     try:
         body = await read_body(receive, max_body, headers.get("content-length"))
     except ServeError as exc:
-        return error_answer(exc)
+        return dataplane.failed(model, version, exc)
     gone = disconnect_probe(receive)
     if kind == "v2":
         return await dataplane.infer_v2(model, version, body, headers, gone)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from service.batcher import BACKGROUND
 from service.config import Settings
 from service.errors import (
+    BadRequest,
     Conflict,
     Forbidden,
     NotFound,
@@ -98,11 +99,14 @@ class JobManager:
     def _inside(self, given: str, what: str) -> Path:
         if self.root is None:
             raise Forbidden(
-                "batch jobs are disabled on this server: start it with ONNXSERVE_JOBS_ROOT set to "
-                "the folder that jobs may read and write (e.g. ONNXSERVE_JOBS_ROOT=/data)"
+                "batch jobs are disabled on this server: start it with --jobs-root DIR (or "
+                "ONNXSERVE_JOBS_ROOT=DIR), the folder that jobs may read and write"
             )
-        path = Path(given)
-        resolved = (path if path.is_absolute() else self.root / path).resolve()
+        try:
+            path = Path(given)
+            resolved = (path if path.is_absolute() else self.root / path).resolve()
+        except (ValueError, OSError) as exc:  # e.g. an embedded NUL byte
+            raise BadRequest(f"{what} {given!r} is not a usable path: {exc}") from None
         if not resolved.is_relative_to(self.root) or resolved.is_relative_to(self.state_dir):
             raise Forbidden(f"{what} {given!r} is outside the jobs root {self.root}")
         return resolved
@@ -130,10 +134,6 @@ class JobManager:
         output = self._inside(spec.output, "output")
         self._inside(spec.input, "input")
         model = self.repository.get(spec.model, spec.version)
-        busy = [j.id for j in self.jobs.values() if j.state in LIVE
-                and self._inside(j.output, "output") == output]  # fmt: skip
-        if busy:
-            raise Conflict(f"job {busy[0]} is writing to {spec.output!r}; cancel it or wait")
         job = Job(
             **spec.model_dump(),
             id=uuid.uuid4().hex[:12],
@@ -142,6 +142,10 @@ class JobManager:
         )
         plan = await asyncio.to_thread(self._plan, job)
         job.total_rows = plan.reader.rows
+        busy = [j.id for j in self.jobs.values() if j.state in LIVE
+                and self._inside(j.output, "output") == output]  # fmt: skip
+        if busy:  # checked after the await, so two submits cannot both pass
+            raise Conflict(f"job {busy[0]} is writing to {spec.output!r}; cancel it or wait")
         self._save(job)
         self._start(job)
         return job
@@ -261,8 +265,8 @@ class JobManager:
 
     async def _submit(self, job: Job, piece: Arrays) -> Arrays:
         for attempt in range(RETRIES):
-            model: LoadedModel = self.repository.get(job.model, str(job.resolved_version))
             try:
+                model: LoadedModel = self.repository.get(job.model, str(job.resolved_version))
                 return (await model.batcher.submit(piece, BACKGROUND)).outputs
             except (QueueFull, QueueTimeout, Unavailable):
                 await asyncio.sleep(min(1.0, 0.01 * 2**attempt))  # busy or reloading: wait

@@ -16,7 +16,7 @@ def get_jobs(request: Request) -> JobManager:
 
 JobsDep = Annotated[JobManager, Depends(get_jobs)]
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 403, 404, 503)
+    code: {"model": ErrorBody} for code in (400, 403, 404, 409, 503)
 }
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)

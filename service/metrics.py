@@ -118,17 +118,13 @@ class ModelMetrics:
         self.batch_size.observe(rows)
         self.compute_duration.observe(compute_s)
 
-    def failed(self, reason: str) -> None:
-        """Count one refused or failed request."""
-        self.metrics.failure.labels(*self.labels, reason).inc()
-
     def set_provider(self, provider: str) -> None:
         """Mark the provider that runs this model version."""
         self.provider_name = provider
         self.metrics.provider.labels(*self.labels, provider).set(1)
 
     def remove(self) -> None:
-        """Forget this version's gauges once it is unloaded."""
+        """Zero the queue gauge and drop the provider series of an unloaded version."""
         self.pending.set_function(lambda: 0)
         if self.provider_name:
             self.metrics.provider.remove(*self.labels, self.provider_name)

@@ -41,7 +41,6 @@ Datatype = Literal[
     "FP16",
     "FP32",
     "FP64",
-    "BYTES",
 ]
 Task = Literal["classification", "forecast", "anomaly"]
 

@@ -11,6 +11,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from service.batcher import Batcher
 from service.codec import NP_TYPES
 from service.config import Settings
-from service.errors import BadRequest, NotFound, Unavailable
+from service.errors import BadRequest, NotFound, ServeError, Unavailable
 from service.metrics import Metrics, ModelMetrics
 from service.model_config import (
     CONFIG_FILE,
@@ -192,24 +193,29 @@ class Repository:
         if name not in self.on_disk():
             raise NotFound(f"no model '{name}' in repository {self.root}")
         async with self._locks.setdefault(name, asyncio.Lock()):
-            self._states[name] = (State.LOADING, "")
+            old = self._loaded.get(name, {})
+            if not old:  # a reload keeps serving (and stays READY) while the new one loads
+                self._states[name] = (State.LOADING, "")
             try:
                 models = await asyncio.to_thread(self._build, name)
-            except ConfigError as exc:
-                self._states[name] = (State.UNAVAILABLE, str(exc))
-                raise BadRequest(str(exc)) from None
-            except Exception as exc:  # ORT refusing the file, a missing version, ...
-                reason = f"failed to load: {exc}"
-                self._states[name] = (State.UNAVAILABLE, reason)
-                raise Unavailable(f"model '{name}' {reason}") from None
-            old = self._loaded.get(name, {})
+            except Exception as exc:  # a bad config, ORT refusing the file, a missing version
+                error: ServeError = (
+                    BadRequest(str(exc))
+                    if isinstance(exc, ConfigError)
+                    else Unavailable(f"model '{name}' failed to load: {exc}")
+                )
+                if not old:
+                    self._states[name] = (State.UNAVAILABLE, error.message)
+                raise error from None
             for model in models:
                 model.batcher.start()
-                model.metrics.set_provider(model.runtime.provider)
             self._loaded[name] = {m.version: m for m in models}
             self._states[name] = (State.READY, "")
             for model in old.values():
                 await model.close()
+            for model in models:  # after the old ones let go of the same label sets
+                model.metrics.pending.set_function(partial(getattr, model.batcher, "depth"))
+                model.metrics.set_provider(model.runtime.provider)
             log.info(
                 "loaded %s versions %s on %s",
                 name,
@@ -275,7 +281,6 @@ class Repository:
             instances=instances,
             on_batch=metrics.batch,
         )
-        metrics.pending.set_function(lambda: batcher.depth)
         return LoadedModel(
             config.name, version, config, batching, instances, runtime, batcher, metrics, executor
         )

@@ -151,7 +151,7 @@ class ModelRuntime:
 
     def _run_bound(self, session: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """IO binding: one host-to-device copy per input, outputs left on the device until read."""
-        device = "cpu" if self.provider == CPU else "cuda"
+        device = "cpu" if self.provider == CPU else "cuda"  # "cpu": the tests' CPU stand-in
         binding = session.io_binding()
         for name, array in inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))

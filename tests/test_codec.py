@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from service.codec import decode_request, decompress, encode_response
-from service.errors import BadRequest
+from service.errors import BadRequest, PayloadTooLarge
 
 pytestmark = pytest.mark.unit
 
@@ -156,9 +156,28 @@ def test_encode_all_json_has_no_header_length():
 
 def test_compressed_bodies_are_inflated():
     raw = b'{"inputs": []}'
-    assert decompress(gzip.compress(raw), "gzip") == raw
-    assert decompress(zlib.compress(raw), "deflate") == raw
+    assert decompress(gzip.compress(raw), "gzip", 1000) == raw
+    assert decompress(zlib.compress(raw), "deflate", 1000) == raw
     with pytest.raises(BadRequest, match="Content-Encoding"):
-        decompress(raw, "br")
+        decompress(raw, "br", 1000)
     with pytest.raises(BadRequest, match="not valid gzip"):
-        decompress(raw, "gzip")
+        decompress(raw, "gzip", 1000)
+
+
+def test_a_compressed_body_may_not_inflate_past_the_limit():
+    bomb = gzip.compress(b"0" * 10_000_000)
+    assert len(bomb) < 20_000
+    with pytest.raises(PayloadTooLarge, match="inflates past the 1000000-byte limit"):
+        decompress(bomb, "gzip", 1_000_000)
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_tensor_parameters_must_be_objects(where):
+    tensor = {"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}
+    doc = {"inputs": [tensor]}
+    if where == "input":
+        tensor["parameters"] = "x"
+    else:
+        doc["outputs"] = [{"name": "y", "parameters": [1]}]
+    with pytest.raises(BadRequest, match="'parameters' must be an object"):
+        decode_request(orjson.dumps(doc))

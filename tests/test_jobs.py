@@ -108,6 +108,8 @@ def test_paths_outside_the_jobs_root_are_refused(jobs_server, jobs_root, tmp_pat
     r = httpx.post(f"{jobs_server.url}/v1/jobs", json={"model": "cnn"})
     assert r.status_code == 400 and "input" in r.json()["error"]
     assert httpx.get(f"{jobs_server.url}/v1/jobs/nosuchjob").status_code == 404
+    r = httpx.post(f"{jobs_server.url}/v1/jobs", json={**bad, "model": "cnn", "input": "a\u0000b"})
+    assert r.status_code == 400 and "not a usable path" in r.json()["error"]
 
 
 def test_a_job_can_be_cancelled(jobs_server, jobs_root):

@@ -282,6 +282,13 @@ def test_unloaded_model_is_503_until_loaded_again(server):
     assert loaded.status_code == 200 and loaded.json()["state"] == "READY"
     assert httpx.post(f"{url}/v2/models/autoencoder/infer", json=_cnn_body()).status_code == 200
     assert httpx.post(f"{url}/v2/repository/models/nope/load").status_code == 404
+    # reloading a loaded model swaps it in place; its gauges stay with the new one
+    reloaded = httpx.post(f"{url}/v2/repository/models/autoencoder/load", timeout=60)
+    assert reloaded.status_code == 200 and httpx.get(f"{url}/v2/health/ready").status_code == 200
+    text = httpx.get(f"{url}/metrics").text
+    provider = {"provider": "CPUExecutionProvider"}
+    assert _metric(text, "onnxserve_model_provider", "autoencoder", **provider) == 1
+    assert "onnxserve_pending_request_count{" in text
 
 
 def test_overload_refuses_fast_and_times_out_queued_requests(repository, tmp_path):

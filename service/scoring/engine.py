@@ -165,9 +165,8 @@ async def run(
         output.close()
 
 
-def local_infer(runtime: ModelRuntime) -> Infer:
-    """`infer` over an ONNX Runtime session in this process, run in one worker thread."""
-    pool = ThreadPoolExecutor(1, "score-ort")
+def local_infer(runtime: ModelRuntime, pool: ThreadPoolExecutor) -> Infer:
+    """`infer` over an ONNX Runtime session in this process, run in `pool`'s worker thread."""
 
     async def infer(inputs: Arrays) -> Arrays:
         try:
@@ -185,4 +184,5 @@ async def score_local(
 ) -> Summary:
     """Score a plan with ONNX Runtime in this process."""
     runtime = ModelRuntime(model_path, RuntimeOptions(intra_op_threads=threads))
-    return await run(plan, local_infer(runtime), progress=progress)
+    with ThreadPoolExecutor(1, "score-ort") as pool:
+        return await run(plan, local_infer(runtime, pool), progress=progress)

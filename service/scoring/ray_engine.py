@@ -50,13 +50,15 @@ class Scorer:
         self, model_path: str, config_json: str, model_input: ModelInput, batch_size: int,
         source: dict[str, Any], threads: int,
     ) -> None:  # fmt: skip
+        from concurrent.futures import ThreadPoolExecutor
+
         from service.runtime import ModelRuntime, RuntimeOptions
         from service.scoring.engine import local_infer
 
         self.config = ModelConfig.model_validate_json(config_json)
         self.model_input, self.batch_size, self.source = model_input, batch_size, source
         runtime = ModelRuntime(Path(model_path), RuntimeOptions(intra_op_threads=threads))
-        self.infer = local_infer(runtime)
+        self.infer = local_infer(runtime, ThreadPoolExecutor(1, "score-ort"))  # lives as the actor
         self.loop = asyncio.new_event_loop()
 
     def _matrix(self, batch: Any) -> tuple[np.ndarray, dict[int, str]]:

@@ -176,6 +176,13 @@ class Output:
             lock.close()
             raise ScoringError(f"output {self.folder} is being written by another job") from None
         self._lock = lock
+        try:
+            return self._prepare(fingerprint, total_rows)
+        except BaseException:
+            self.close()  # a refused output must not stay locked
+            raise
+
+    def _prepare(self, fingerprint: dict[str, Any], total_rows: int) -> Manifest:
         self.check(fingerprint)
         manifest = self.manifest() or Manifest(fingerprint, total_rows)
         for path in self.folder.iterdir():  # parts past the last commit, and temp files
