@@ -76,6 +76,7 @@ def _metadata(repo: Repository, model: LoadedModel) -> ModelMetadata:
         "intra_op_threads": model.runtime.threads,
         "io_binding": model.runtime.io_binding,
         "instance_count": model.instances,
+        "model_file": model.model_file,
         "batching": model.batching.model_dump(),
     }
     if model.runtime.fallback_reason:

@@ -10,13 +10,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class BatchingOverride(BaseModel):
-    """Per-model batching knobs; a field left unset keeps the model config's value."""
+    """Per-model serving knobs; a field left unset keeps the model config's value.
+
+    `variant` serves a version's accepted `optimized` or `int8` graph instead of `model.onnx`.
+    """
 
     max_batch_size: int | None = Field(default=None, ge=1)
     max_queue_delay_ms: float | None = Field(default=None, ge=0)
     max_queue_size: int | None = Field(default=None, ge=1)
     timeout_ms: float | None = Field(default=None, gt=0)
     instance_count: int | None = Field(default=None, ge=1)
+    variant: Literal["optimized", "int8"] | None = None
 
 
 class Settings(BaseSettings):

@@ -55,6 +55,7 @@ class LoadedModel:
     batcher: Batcher
     metrics: ModelMetrics
     executor: ThreadPoolExecutor
+    model_file: str = MODEL_FILE
 
     @property
     def not_ready_reason(self) -> str | None:
@@ -251,17 +252,35 @@ class Repository:
             versions = versions[-1:]
         override = self.settings.batching_for(name)
         batching = config.batching.model_copy(
-            update=override.model_dump(exclude_none=True, exclude={"instance_count"})
+            update=override.model_dump(exclude_none=True, exclude={"instance_count", "variant"})
         )
         if not self.settings.batching:
             batching = batching.model_copy(update={"max_batch_size": 1, "max_queue_delay_ms": 0})
         instances = override.instance_count or config.instance_count
-        return [self._build_version(config, v, batching, instances) for v in versions]
+        return [
+            self._build_version(config, v, batching, instances, override.variant) for v in versions
+        ]
+
+    def _model_file(self, config: ModelConfig, version: int, variant: str | None) -> Path:
+        """The graph to serve: model.onnx, or a variant the build accepted."""
+        folder = self.root / config.name / str(version)
+        if variant is None:
+            return folder / MODEL_FILE
+        entry = next((v for v in config.versions if v.version == version), None)
+        for candidate in entry.variants if entry else []:
+            if candidate.kind == variant and candidate.accepted:
+                return folder / candidate.file
+        raise FileNotFoundError(f"version {version} has no accepted {variant} variant")
 
     def _build_version(
-        self, config: ModelConfig, version: int, batching: Batching, instances: int
+        self,
+        config: ModelConfig,
+        version: int,
+        batching: Batching,
+        instances: int,
+        variant: str | None = None,
     ) -> LoadedModel:
-        path = self.root / config.name / str(version) / MODEL_FILE
+        path = self._model_file(config, version, variant)
         history = {v.version: v for v in config.versions}
         if config.task == "anomaly" and version in history:  # each version's own calibration
             own = history[version].metrics.get("threshold")
@@ -282,5 +301,6 @@ class Repository:
             on_batch=metrics.batch,
         )
         return LoadedModel(
-            config.name, version, config, batching, instances, runtime, batcher, metrics, executor
-        )
+            config.name, version, config, batching, instances, runtime, batcher, metrics, executor,
+            path.name,
+        )  # fmt: skip

@@ -133,3 +133,36 @@ async def test_a_gone_client_is_dropped_before_compute(repository):
         assert calls == []
         ok = await model.batcher.submit({"image": x}, gone=lambda: False)
         assert calls == [1] and ok.outputs["label"].shape == (1,)
+
+
+async def test_a_model_can_serve_its_int8_variant(repository):
+    x = samples(repository, "cnn")[:64]
+    body = {"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}], "outputs": [{"name": "label"}]}  # fmt: skip
+    labels = {}
+    for variant in (None, "int8"):
+        overrides = {"cnn": {"variant": variant}} if variant else {}
+        settings = Settings(repository=repository, models=["cnn"], model_overrides=overrides)
+        async with client_for(settings) as c:
+            meta = (await c.get("/v2/models/cnn")).json()
+            assert meta["parameters"]["model_file"] == (
+                "model.int8.onnx" if variant else "model.onnx"
+            )
+            r = await c.post("/v2/models/cnn/infer", json=body)
+            labels[variant] = r.json()["outputs"][0]["data"]
+    agree = sum(a == b for a, b in zip(labels[None], labels["int8"], strict=True)) / len(x)
+    assert agree >= 0.95  # the build accepted it for losing at most one accuracy point
+
+
+async def test_a_missing_variant_leaves_the_model_unavailable_with_the_reason(repository, tmp_path):
+    import shutil
+
+    shutil.copytree(repository / "lstm", tmp_path / "lstm")
+    config = (tmp_path / "lstm" / "config.json").read_text()
+    (tmp_path / "lstm" / "config.json").write_text(
+        config.replace('"kind": "int8"', '"kind": "fp16"')
+    )
+    settings = Settings(repository=tmp_path, model_overrides={"lstm": {"variant": "int8"}})
+    async with client_for(settings) as c:
+        r = await c.get("/v2/models/lstm/ready")
+        assert r.status_code == 503 and "no accepted int8 variant" in r.json()["error"]
