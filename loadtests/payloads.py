@@ -15,13 +15,11 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service.codec import NP_TYPES, encode_request
+
 #: The ways a request can be sent: v2 JSON tensors, v2 binary tensors, v1 `instances`.
 PROTOCOLS = ("v2-json", "v2-binary", "v1")
 HEADER_LENGTH = "inference-header-content-length"
-DTYPES = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
-    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
-}  # fmt: skip
 #: Fields every v1 prediction carries, by the model's task (see service/postprocess.py).
 V1_FIELDS = {
     "classification": {"label", "class_index", "probabilities"},
@@ -110,7 +108,7 @@ class ModelTraffic:
         if len(inputs) != 1:
             raise ValueError(f"model '{self.name}' has {len(inputs)} inputs; load tests need one")
         spec = inputs[0]
-        dtype = DTYPES.get(spec["datatype"])
+        dtype = NP_TYPES.get(spec["datatype"])
         if dtype is None:
             raise ValueError(f"input '{spec['name']}' has unsupported datatype {spec['datatype']}")
         shape = list(spec["shape"])
@@ -143,20 +141,16 @@ class ModelTraffic:
             headers = {"Content-Type": "application/json"}
             return Payload(f"/v1/models/{self.name}:predict", body, headers, len(x))
         path = f"/v2/models/{self.name}/infer"
-        tensor = {"name": spec["name"], "shape": list(x.shape), "datatype": spec["datatype"]}
         if protocol == "v2-json":
-            doc = {"inputs": [{**tensor, "data": x.ravel()}]}
-            body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+            body, _ = encode_request({spec["name"]: x}, binary=False, binary_output=False)
             return Payload(path, body, {"Content-Type": "application/json"}, len(x))
         if protocol == "v2-binary":
-            blob = x.tobytes()
-            tensor["parameters"] = {"binary_data_size": len(blob)}
-            head = orjson.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}})
+            body, head = encode_request({spec["name"]: x})
             headers = {
                 "Content-Type": "application/octet-stream",
-                "Inference-Header-Content-Length": str(len(head)),
+                "Inference-Header-Content-Length": str(head),
             }
-            return Payload(path, head + blob, headers, len(x))
+            return Payload(path, body, headers, len(x))
         raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
 
     def pool(self, protocol: str, rows: int, rng: np.random.Generator, size: int = 32):
@@ -235,7 +229,7 @@ class ModelTraffic:
             size = (tensor.get("parameters") or {}).get("binary_data_size")
             if size is not None:
                 binary_total += size
-                if size != count * np.dtype(DTYPES[spec["datatype"]]).itemsize:
+                if size != count * NP_TYPES[spec["datatype"]].itemsize:
                     return f"v2: output '{name}' of shape {shape} has {size} bytes"
             elif len(tensor.get("data") or []) != count:
                 return f"v2: output '{name}' of shape {shape} has {len(tensor['data'])} values"

@@ -54,6 +54,11 @@ class Pending:
     taken: bool = False
 
 
+def _timed_out(item: Pending) -> QueueTimeout:
+    waited_ms = (item.deadline - item.enqueued) * 1000
+    return QueueTimeout(f"request waited over {waited_ms:.0f} ms in the queue and was not run")
+
+
 def batch_key(inputs: Arrays) -> tuple:
     """Requests may share a batch only if their inputs agree in name, dtype and non-batch shape."""
     return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items()))
@@ -138,10 +143,7 @@ class Batcher:
         """Timer: a request still queued at its deadline gets 504 and is never run."""
         if not item.taken and not item.future.done():
             self._drop(item)
-            waited_ms = (item.deadline - item.enqueued) * 1000
-            item.future.set_exception(
-                QueueTimeout(f"request waited over {waited_ms:.0f} ms in the queue and was not run")
-            )
+            item.future.set_exception(_timed_out(item))
 
     def _drop(self, item: Pending) -> None:
         for queue in self._queues:
@@ -163,35 +165,30 @@ class Batcher:
         """Start every batch that may start now (see the dispatch rule)."""
         while self._inflight < self.instances and self.depth:
             if self._inflight and self.max_queue_delay_ms > 0 and not self._closed:
-                if self._waiting_rows() < self.max_batch_size:
-                    self._fill_later()
+                wait = self._fill_deadline() - time.perf_counter()
+                if wait > 0 and self._waiting_rows() < self.max_batch_size:
+                    self._fill_later(wait)
                     return
             batch = self._take()
             if batch:
                 self._launch(batch)
         self._settle_idle()
 
-    def _fill_later(self) -> None:
-        """Come back when the oldest waiting request has waited max_queue_delay_ms."""
+    def _fill_deadline(self) -> float:
+        """When the oldest waiting request will have waited max_queue_delay_ms."""
+        return min(q[0].enqueued for q in self._queues if q) + self.max_queue_delay_ms / 1000
+
+    def _fill_later(self, wait: float) -> None:
+        """Pump again once the oldest waiting request has waited max_queue_delay_ms."""
         if self._fill_timer is not None:
             return
-        oldest = min(q[0].enqueued for q in self._queues if q)
-        delay = max(0.0, oldest + self.max_queue_delay_ms / 1000 - time.perf_counter())
 
         def fire() -> None:
             self._fill_timer = None
-            queued = [q[0].enqueued for q in self._queues if q]
-            if queued and time.perf_counter() < min(queued) + self.max_queue_delay_ms / 1000:
-                self._fill_later()  # the request this timer waited for has left: wait anew
-                return
-            if self.depth and self._inflight < self.instances:
-                batch = self._take()
-                if batch:
-                    self._launch(batch)
             self._pump()
 
         assert self._loop is not None
-        self._fill_timer = self._loop.call_later(delay, fire)
+        self._fill_timer = self._loop.call_later(wait, fire)
 
     def _take(self) -> list[Pending]:
         """Pop the oldest live request and every later one that fits beside it."""
@@ -204,10 +201,8 @@ class Batcher:
                 item = queue.popleft()
                 if item.future.done():  # cancelled or timed out while queued
                     continue
-                if now > item.deadline:
-                    item.future.set_exception(
-                        QueueTimeout("request timed out in the queue and was not run")
-                    )
+                if now > item.deadline:  # its timer is late: same answer
+                    item.future.set_exception(_timed_out(item))
                     continue
                 if item.gone is not None and item.gone():
                     item.future.set_exception(Cancelled("client disconnected before compute"))

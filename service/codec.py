@@ -229,3 +229,58 @@ def encode_response(
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)
+
+
+def encode_request(
+    inputs: dict[str, np.ndarray],
+    outputs: list[str] | None = None,
+    *,
+    binary: bool = True,
+    binary_output: bool = True,
+) -> tuple[bytes, int | None]:
+    """The client's side: a v2 request for `inputs` (binary tensors or flat JSON data), asking for
+    `outputs` (default: all) as binary or JSON. Returns the body and the JSON header's length
+    (None for a plain JSON body)."""
+    tensors, blobs = [], []
+    for name, array in inputs.items():
+        tensor: dict[str, Any] = {
+            "name": name,
+            "shape": list(array.shape),
+            "datatype": datatype_of(array),
+        }
+        if binary:
+            blob = np.ascontiguousarray(array).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = np.ascontiguousarray(array).ravel()
+        tensors.append(tensor)
+    doc: dict[str, Any] = {"inputs": tensors}
+    if outputs is None:
+        if binary_output:
+            doc["parameters"] = {"binary_data_output": True}
+    else:
+        doc["outputs"] = [
+            {"name": n, "parameters": {"binary_data": binary_output}} for n in outputs
+        ]
+    head = orjson.dumps(doc, option=_JSON_OPTS)
+    if not binary:
+        return head, None
+    return b"".join([head, *blobs]), len(head)
+
+
+def decode_response(body: bytes, header_length: str | None = None) -> dict[str, np.ndarray]:
+    """The client's side: the output arrays of a v2 answer, JSON or binary."""
+    n = int(header_length) if header_length else len(body)
+    head, blob, offset = orjson.loads(body[:n]), memoryview(body)[n:], 0
+    outputs = {}
+    for tensor in head["outputs"]:
+        dtype = NP_TYPES[tensor["datatype"]]
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            outputs[tensor["name"]] = np.asarray(tensor["data"], dtype).reshape(tensor["shape"])
+        else:
+            raw = blob[offset : offset + size]
+            outputs[tensor["name"]] = np.frombuffer(raw, dtype).reshape(tensor["shape"])
+            offset += size
+    return outputs

@@ -17,7 +17,14 @@ import orjson
 
 from service import postprocess
 from service.batcher import ONLINE, BatchResult
-from service.codec import HEADER_LENGTH, NP_TYPES, decode_request, decompress, encode_response
+from service.codec import (
+    HEADER_LENGTH,
+    NP_TYPES,
+    datatype_of,
+    decode_request,
+    decompress,
+    encode_response,
+)
 from service.errors import BadRequest, ServeError, error_body
 from service.model_config import ModelConfig
 from service.repository import LoadedModel, Repository
@@ -57,9 +64,9 @@ def validate_inputs(config: ModelConfig, inputs: dict[str, np.ndarray]) -> int:
     for name, array in inputs.items():
         spec = specs[name]
         if array.dtype != NP_TYPES.get(spec.datatype):
-            got = next(k for k, v in NP_TYPES.items() if v == array.dtype)
             raise BadRequest(
-                f"input '{name}' has datatype {got}; model '{config.name}' takes {spec.datatype}"
+                f"input '{name}' has datatype {datatype_of(array)}; model '{config.name}' takes "
+                f"{spec.datatype}"
             )
         if array.ndim != len(spec.shape):
             raise BadRequest(

@@ -7,7 +7,13 @@ import numpy as np
 import orjson
 import pytest
 
-from service.codec import decode_request, decompress, encode_response
+from service.codec import (
+    decode_request,
+    decode_response,
+    decompress,
+    encode_request,
+    encode_response,
+)
 from service.errors import BadRequest, PayloadTooLarge
 
 pytestmark = pytest.mark.unit
@@ -181,3 +187,16 @@ def test_tensor_parameters_must_be_objects(where):
         doc["outputs"] = [{"name": "y", "parameters": [1]}]
     with pytest.raises(BadRequest, match="'parameters' must be an object"):
         decode_request(orjson.dumps(doc))
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_client_encoding_is_what_the_server_decodes(binary):
+    x = np.arange(12, dtype=np.float32).reshape(2, 6)
+    body, n = encode_request({"x": x}, ["y"], binary=binary, binary_output=binary)
+    req = decode_request(body, None if n is None else str(n))
+    np.testing.assert_array_equal(req.inputs["x"], x)
+    assert [(o.name, o.binary) for o in req.outputs] == [("y", binary)]
+    answer, n = encode_response("m", "1", [("y", x * 2, binary)])
+    np.testing.assert_array_equal(
+        decode_response(answer, None if n is None else str(n))["y"], x * 2
+    )

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import orjson
 import pytest
 
+from service.codec import decode_response, encode_request
 from tests.conftest import MODELS, latest_version, run_server, samples
 
 pytestmark = pytest.mark.e2e
@@ -36,19 +37,7 @@ def v2_json(name: str, x: np.ndarray, **extra) -> dict:
 
 def decode(resp: httpx.Response) -> dict[str, np.ndarray]:
     """Outputs of a v2 answer, JSON or binary."""
-    n = resp.headers.get("inference-header-content-length")
-    head = orjson.loads(resp.content[: int(n)] if n else resp.content)
-    out, offset, blob = {}, 0, resp.content[int(n) :] if n else b""
-    dtypes = {"FP32": np.float32, "INT64": np.int64, "BOOL": np.bool_}
-    for t in head["outputs"]:
-        dtype = dtypes[t["datatype"]]
-        if "data" in t:
-            out[t["name"]] = np.asarray(t["data"], dtype).reshape(t["shape"])
-        else:
-            size = t["parameters"]["binary_data_size"]
-            out[t["name"]] = np.frombuffer(blob[offset : offset + size], dtype).reshape(t["shape"])
-            offset += size
-    return out
+    return decode_response(resp.content, resp.headers.get("inference-header-content-length"))
 
 
 # -- metadata and health ------------------------------------------------------------------
@@ -345,11 +334,8 @@ def test_metrics_follow_triton_names(server, repository):
 
 
 def _binary_series(window: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    head = orjson.dumps(
-        {"inputs": [{"name": "series", "shape": list(window.shape), "datatype": "FP32",
-                     "parameters": {"binary_data_size": window.nbytes}}]}
-    )  # fmt: skip
-    return head + window.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
+    body, head = encode_request({"series": window}, binary_output=False)
+    return body, {"Inference-Header-Content-Length": str(head)}
 
 
 def test_a_client_that_hangs_up_is_never_computed(repository, tmp_path):

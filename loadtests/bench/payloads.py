@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from service.codec import encode_request
+
 DISTINCT_BODIES = 16  # real samples cycled per cell
 
 
@@ -22,23 +24,21 @@ class Payload:
 
 def v2_json_body(input_name: str, array: np.ndarray) -> bytes:
     """A v2 JSON infer request with one FP32 input (all outputs answered as JSON)."""
-    tensor = {"name": input_name, "shape": list(array.shape), "datatype": "FP32", "data": array}
-    return orjson.dumps({"inputs": [tensor]}, option=orjson.OPT_SERIALIZE_NUMPY)
+    body, _ = encode_request({input_name: as_fp32(array)}, binary=False, binary_output=False)
+    return body
 
 
 def v2_binary_body(input_name: str, array: np.ndarray) -> tuple[bytes, int]:
     """A v2 binary request (JSON header + little-endian FP32 bytes, all outputs binary).
 
     Returns the body and the header's length (the Inference-Header-Content-Length)."""
-    data = np.ascontiguousarray(array, dtype="<f4").tobytes()
-    tensor = {
-        "name": input_name,
-        "shape": list(array.shape),
-        "datatype": "FP32",
-        "parameters": {"binary_data_size": len(data)},
-    }
-    head = orjson.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}})
-    return head + data, len(head)
+    body, head = encode_request({input_name: as_fp32(array)})
+    assert head is not None
+    return body, head
+
+
+def as_fp32(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype="<f4")
 
 
 def v1_body(array: np.ndarray) -> bytes:

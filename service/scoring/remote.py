@@ -14,10 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import orjson
-
-from service.codec import NP_TYPES, OIP_TYPES
+from service.codec import decode_response, encode_request
 from service.model_config import ModelConfig
 from service.scoring import ScoringError
 from service.scoring.engine import Arrays, BadInput, Infer, Progress, run
@@ -50,37 +47,6 @@ def config_from_metadata(meta: dict[str, Any]) -> ModelConfig:
         raise ScoringError(
             f"the server's metadata for '{meta.get('name')}' is unusable: {exc}"
         ) from None
-
-
-def encode_request(inputs: Arrays, outputs: list[str]) -> tuple[bytes, int]:
-    """A v2 binary request: the JSON header and the raw tensors; returns (body, header length)."""
-    blobs = [np.ascontiguousarray(a).tobytes() for a in inputs.values()]
-    head = orjson.dumps({
-        "inputs": [
-            {"name": name, "shape": list(a.shape), "datatype": OIP_TYPES[a.dtype],
-             "parameters": {"binary_data_size": len(blob)}}
-            for (name, a), blob in zip(inputs.items(), blobs, strict=True)
-        ],
-        "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in outputs],
-    })  # fmt: skip
-    return b"".join([head, *blobs]), len(head)
-
-
-def decode_response(body: bytes, header_length: str | None) -> Arrays:
-    """Outputs of a v2 answer (binary tensors, or JSON data if the server sent that)."""
-    n = int(header_length) if header_length else len(body)
-    head, blob, offset = orjson.loads(body[:n]), memoryview(body)[n:], 0
-    outputs = {}
-    for t in head["outputs"]:
-        dtype = NP_TYPES[t["datatype"]]
-        size = (t.get("parameters") or {}).get("binary_data_size")
-        if size is None:
-            outputs[t["name"]] = np.asarray(t["data"], dtype).reshape(t["shape"])
-        else:
-            raw = blob[offset : offset + size]
-            outputs[t["name"]] = np.frombuffer(raw, dtype).reshape(t["shape"])
-            offset += size
-    return outputs
 
 
 def _error(response: Any) -> str:
