@@ -7,7 +7,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from service import __version__
+from service import __version__, triton
+from service.errors import Forbidden
 from service.fastlane import answer_infer
 from service.metrics import CONTENT_TYPE, Metrics
 from service.repository import LoadedModel, Repository
@@ -27,7 +28,13 @@ from service.schemas import (
     TensorMetadata,
 )
 
-EXTENSIONS = ["model_repository", "binary_tensor_data", "server_timing"]
+EXTENSIONS = [
+    "model_repository",
+    "binary_tensor_data",
+    "model_configuration",
+    "statistics",
+    "server_timing",
+]
 
 
 def get_repository(request: Request) -> Repository:
@@ -37,7 +44,7 @@ def get_repository(request: Request) -> Repository:
 RepositoryDep = Annotated[Repository, Depends(get_repository)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 413, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 403, 404, 413, 503, 504)
 }
 
 server = APIRouter(prefix="/v2", tags=["server"])
@@ -62,8 +69,7 @@ def live() -> Readiness:
 def ready(repo: RepositoryDep) -> Any:
     if repo.all_ready():
         return Readiness(ready=True)
-    problems = [f"{e['name']}: {e['state']}" for e in repo.index() if e["state"] != "READY"]
-    body = Readiness(ready=False, error="; ".join(problems) or "models are loading")
+    body = Readiness(ready=False, error="; ".join(repo.problems()) or "models are loading")
     return JSONResponse(body.model_dump(), status_code=503)
 
 
@@ -71,7 +77,6 @@ def ready(repo: RepositoryDep) -> Any:
 def _metadata(repo: Repository, model: LoadedModel) -> ModelMetadata:
     config = model.config
     params: dict[str, Any] = {
-        "task": config.task,
         "provider": model.runtime.provider,
         "intra_op_threads": model.runtime.threads,
         "io_binding": model.runtime.io_binding,
@@ -81,7 +86,7 @@ def _metadata(repo: Repository, model: LoadedModel) -> ModelMetadata:
     }
     if model.runtime.fallback_reason:
         params["fallback_reason"] = model.runtime.fallback_reason
-    for extra in ("labels", "threshold", "normalization"):
+    for extra in ("task", "labels", "threshold", "normalization"):
         value = getattr(config, extra)
         if value is not None:
             params[extra] = value.model_dump() if hasattr(value, "model_dump") else value
@@ -97,6 +102,23 @@ def _metadata(repo: Repository, model: LoadedModel) -> ModelMetadata:
         outputs=tensors(config.outputs),
         parameters=params,
     )
+
+
+def _stats(repo: Repository, name: str | None, version: str | None) -> dict[str, Any]:
+    if name is None:
+        chosen = [m for versions in repo.loaded.values() for m in versions.values()]
+    elif version is None:
+        repo.get(name)  # 404 / 503 with the reason
+        chosen = list(repo.loaded[name].values())
+    else:
+        chosen = [repo.get(name, version)]
+    chosen.sort(key=lambda m: (m.name, m.version))
+    return {"model_stats": [m.stats.triton(m.name, str(m.version)) for m in chosen]}
+
+
+@models.get("/stats", summary="Statistics of every loaded model (Triton's statistics extension)")
+def all_stats(repo: RepositoryDep) -> dict[str, Any]:
+    return _stats(repo, None, None)
 
 
 @models.get("/{model}", response_model=ModelMetadata)
@@ -122,6 +144,28 @@ def model_ready(model: str, repo: RepositoryDep) -> ModelReadiness:
 @models.get("/{model}/versions/{version}/ready", response_model=ModelReadiness)
 def version_ready(model: str, version: str, repo: RepositoryDep) -> ModelReadiness:
     return _readiness(repo, model, version)
+
+
+@models.get("/{model}/config", summary="Triton's model configuration (JSON)")
+def model_config(model: str, repo: RepositoryDep) -> dict[str, Any]:
+    loaded = repo.get(model)
+    return triton.model_config(loaded, repo.policy(loaded.config.version_policy))
+
+
+@models.get("/{model}/versions/{version}/config", summary="Triton's model configuration (JSON)")
+def version_config(model: str, version: str, repo: RepositoryDep) -> dict[str, Any]:
+    loaded = repo.get(model, version)
+    return triton.model_config(loaded, repo.policy(loaded.config.version_policy))
+
+
+@models.get("/{model}/stats", summary="Statistics of a model's loaded versions")
+def model_stats(model: str, repo: RepositoryDep) -> dict[str, Any]:
+    return _stats(repo, model, None)
+
+
+@models.get("/{model}/versions/{version}/stats", summary="Statistics of one version")
+def version_stats(model: str, version: str, repo: RepositoryDep) -> dict[str, Any]:
+    return _stats(repo, model, version)
 
 
 # -- inference (served by the fast lane when it is on; same code path) ------------------------
@@ -196,8 +240,25 @@ def repository_index(repo: RepositoryDep, body: IndexRequest | None = None) -> l
     return entries
 
 
+def _model_control(repo: Repository) -> None:
+    """The load/unload API works in explicit mode only (as Triton's)."""
+    mode = repo.settings.model_control_mode
+    if mode == "none":
+        raise Forbidden(
+            "model control is disabled (--model-control-mode none): start the server with "
+            "--model-control-mode explicit to load and unload models through this API, or poll "
+            "to follow the repository's files"
+        )
+    if mode == "poll":
+        raise Forbidden(
+            "the repository is polled (--model-control-mode poll): add, change or remove model "
+            "files instead, or start the server with --model-control-mode explicit"
+        )
+
+
 @repository.post("/models/{model}/load", response_model=LoadResult)
 async def load_model(model: str, repo: RepositoryDep) -> LoadResult:
+    _model_control(repo)
     loaded = await repo.load(model)
     state = "READY" if all(m.ready for m in loaded) else "UNAVAILABLE"
     return LoadResult(name=model, versions=[str(m.version) for m in loaded], state=state)
@@ -205,6 +266,7 @@ async def load_model(model: str, repo: RepositoryDep) -> LoadResult:
 
 @repository.post("/models/{model}/unload", response_model=LoadResult)
 async def unload_model(model: str, repo: RepositoryDep) -> LoadResult:
+    _model_control(repo)
     await repo.unload(model)
     return LoadResult(name=model, versions=[], state="UNLOADED")
 

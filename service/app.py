@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -43,7 +45,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await repository.load_all()
         await jobs.resume()  # jobs live at the last stop go on from their manifests
+        poller = None
+        if settings.model_control_mode == "poll":
+            poller = asyncio.create_task(repository.poll_forever(), name="repository-poll")
         yield
+        if poller is not None:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
         await jobs.stop()  # before the batchers close; live jobs stay live for the next start
         await repository.close()
 

@@ -7,7 +7,9 @@ worker thread of `executor` (ONNX Runtime releases the GIL), never on the event 
 Dispatch rule: a batch leaves as soon as an instance is free and either nothing else is in flight
 (an idle batcher runs a lone request at once), `max_batch_size` rows are waiting, or the oldest
 request has waited `max_queue_delay_ms`. Only requests whose inputs agree in name, dtype and
-non-batch shape are merged; online requests go before background (batch-job) work.
+non-batch shape are merged; online requests go before background (batch-job) work. With
+`max_batch_size` 0 (a model without a batch axis) every request runs alone and its outputs are
+returned whole.
 
 There is no dispatcher task: `submit` and each finished batch call `_pump`, which starts what can
 start. At low load a request reaches its worker thread without a hop through another task.
@@ -75,7 +77,9 @@ class Batcher:
     max_queue_size: int = 1024
     timeout_ms: float = 10_000.0
     instances: int = 1
-    on_batch: Callable[[int, float], None] | None = None  # (rows, compute seconds)
+    #: After each batch: (requests, rows, input ns, infer ns, output ns) - the time to join the
+    #: inputs, to run, and to split the outputs.
+    on_batch: Callable[[int, int, int, int, int], None] | None = None
 
     def __post_init__(self) -> None:
         self._queues: tuple[deque[Pending], deque[Pending]] = (deque(), deque())  # online, jobs
@@ -119,7 +123,7 @@ class Batcher:
             raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
         loop = self._loop
         assert loop is not None, "Batcher.start() was not called"
-        rows = next(iter(inputs.values())).shape[0]
+        rows = next(iter(inputs.values())).shape[0] if self.max_batch_size else 1
         now = time.perf_counter()
         timeout_s = (timeout_ms if timeout_ms is not None else self.timeout_ms) / 1000
         future = loop.create_future()
@@ -234,7 +238,8 @@ class Batcher:
                 inputs = batch[0].inputs
             else:
                 inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
-            work = self.executor.submit(self.run, inputs)
+            input_ns = int((time.perf_counter() - start) * 1e9)
+            work = self.executor.submit(self._timed_run, inputs)
         except Exception as exc:  # nothing was started: every caller of the batch learns why
             for item in batch:
                 if not item.future.done():
@@ -242,17 +247,22 @@ class Batcher:
             return
         self._inflight += 1
         work.add_done_callback(
-            lambda done: loop.call_soon_threadsafe(self._finish, batch, start, done)
+            lambda done: loop.call_soon_threadsafe(self._finish, batch, start, input_ns, done)
         )
 
-    def _finish(self, batch: list[Pending], start: float, done: Future) -> None:
+    def _timed_run(self, inputs: Arrays) -> tuple[Arrays, int]:
+        start = time.perf_counter_ns()
+        outputs = self.run(inputs)
+        return outputs, time.perf_counter_ns() - start
+
+    def _finish(self, batch: list[Pending], start: float, input_ns: int, done: Future) -> None:
         self._inflight -= 1
         compute = time.perf_counter() - start
         rows = sum(p.rows for p in batch)
         try:
-            outputs = done.result()
+            outputs, infer_ns = done.result()
             bad = {n: a.shape[:1] for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != rows}
-            if bad:
+            if bad and self.max_batch_size:
                 raise RuntimeError(
                     f"model returned {bad} rows for a batch of {rows}: outputs must keep the "
                     "batch axis first, one row per input row, in order"
@@ -263,12 +273,17 @@ class Batcher:
                     item.future.set_exception(exc)
             self._pump()
             return
-        if self.on_batch:
-            self.on_batch(rows, compute)
+        split = time.perf_counter()
         offset = 0
         for item in batch:
-            part = {n: a[offset : offset + item.rows] for n, a in outputs.items()}
+            if self.max_batch_size:
+                part = {n: a[offset : offset + item.rows] for n, a in outputs.items()}
+            else:
+                part = outputs
             offset += item.rows
             if not item.future.done():
                 item.future.set_result(BatchResult(part, rows, start - item.enqueued, compute))
+        if self.on_batch:
+            output_ns = int((time.perf_counter() - split) * 1e9)
+            self.on_batch(len(batch), rows, input_ns, infer_ns, output_ns)
         self._pump()

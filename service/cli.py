@@ -9,6 +9,16 @@ import sys
 from pathlib import Path
 
 
+def _boolean(text: str) -> bool:
+    """A flag's true/false value, as Triton's flags take them."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _build(args: argparse.Namespace) -> int:
     from export.build import MODEL_NAMES, build_repository  # torch is imported only here
 
@@ -43,6 +53,11 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         jobs_root=args.jobs_root,
         log_level=args.log_level,
+        model_control_mode=args.model_control_mode,
+        repository_poll_secs=args.repository_poll_secs,
+        load_model=args.load_model,
+        strict_readiness=args.strict_readiness,
+        version_policy=args.version_policy,
     )
     if not settings.repository.is_dir():
         where = settings.repository
@@ -64,6 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 #: Subcommands whose parser lives with their feature, imported only when used.
 DELEGATED = {
+    "export": ("export.cli", "export a PyTorch module into the repository as a verified version"),
     "score": ("service.scoring.cli", "score a file through a model (offline, remote or Ray)"),
     "loadtest": ("loadtests.cli", "run Locust headless and write a report with plots"),
 }
@@ -92,6 +108,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-batching", action="store_true", help="run each request on its own")
     s.add_argument("--max-body-bytes", type=int)
     s.add_argument("--jobs-root", type=Path, help="enable /v1/jobs for files under this folder")
+    s.add_argument(
+        "--model-control-mode", choices=["none", "poll", "explicit"],
+        help="none (default): read the repository at start-up; explicit: the load/unload API; "
+        "poll: follow the repository's files",
+    )  # fmt: skip
+    s.add_argument("--repository-poll-secs", type=float, help="poll mode's interval (default 15)")
+    s.add_argument(
+        "--load-model", action="append", metavar="NAME",
+        help="explicit mode: a model to load at start-up (repeatable; '*' = all)",
+    )  # fmt: skip
+    s.add_argument(
+        "--strict-readiness", type=_boolean, metavar="BOOL",
+        help="ready only when every model serves (default true; false: ready once started)",
+    )  # fmt: skip
+    s.add_argument("--version-policy", choices=["latest", "all"], help="default: latest")
     s.add_argument("--log-level")
     s.add_argument("--access-log", action="store_true")
     s.set_defaults(func=_serve)

@@ -1,11 +1,14 @@
 """Open Inference Protocol v2 codec: JSON tensors and Triton's binary tensor extension.
 
-Pure functions over bytes and NumPy arrays; nothing here knows HTTP or models.
+Pure functions over bytes and NumPy arrays; nothing here knows HTTP or models. `BYTES` tensors
+are object arrays of `str` (UTF-8 on the wire): a JSON list of strings, or in binary form each
+element as a 4-byte little-endian length followed by its bytes (Triton's serialisation).
 """
 
 from __future__ import annotations
 
 import math
+import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +22,8 @@ from service.model_config import DATATYPES
 #: OIP datatype -> NumPy dtype, and back.
 NP_TYPES: dict[str, np.dtype] = {k: np.dtype(v) for k, v in DATATYPES.items()}
 OIP_TYPES: dict[np.dtype, str] = {v: k for k, v in NP_TYPES.items()}
+BYTES = "BYTES"
+_LENGTH = struct.Struct("<I")
 
 HEADER_LENGTH = "inference-header-content-length"
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
@@ -48,6 +53,8 @@ def datatype_of(array: np.ndarray) -> str:
     try:
         return OIP_TYPES[array.dtype]
     except KeyError:
+        if array.dtype.kind in "US":  # NumPy fixed-width strings
+            return BYTES
         raise BadRequest(f"no Open Inference Protocol datatype for dtype {array.dtype}") from None
 
 
@@ -82,10 +89,35 @@ def _dtype(spec: dict[str, Any], name: str) -> np.dtype:
     return NP_TYPES[datatype]
 
 
+def _strings(data: Any, name: str) -> np.ndarray:
+    """A BYTES tensor's JSON data (a flat or nested list of strings) as a flat object array."""
+    flat: list[Any] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, str):
+            flat.append(item)
+        else:
+            raise BadRequest(f"input '{name}': BYTES 'data' must hold strings only")
+    array = np.empty(len(flat), dtype=object)
+    array[:] = flat
+    return array
+
+
 def _json_tensor(spec: dict[str, Any], name: str, dtype: np.dtype, shape: tuple[int, ...]):
     if "data" not in spec:
         raise BadRequest(f"input '{name}': no 'data' and no binary_data_size")
     data = spec["data"]
+    if dtype.kind == "O":
+        array = _strings(data, name)
+        if array.size != math.prod(shape):
+            raise BadRequest(
+                f"input '{name}': shape {list(shape)} needs {math.prod(shape)} elements, "
+                f"data has {array.size}"
+            )
+        return array.reshape(shape)
     try:
         if isinstance(data, list) and data and not isinstance(data[0], list):
             array = np.fromiter(data, dtype=dtype, count=len(data))  # flat: the common case
@@ -103,8 +135,31 @@ def _json_tensor(spec: dict[str, Any], name: str, dtype: np.dtype, shape: tuple[
     return array.reshape(shape)
 
 
+def _binary_strings(raw: memoryview, name: str, count: int) -> np.ndarray:
+    """Triton's serialised BYTES: per element a 4-byte little-endian length, then the bytes."""
+    out = np.empty(count, dtype=object)
+    offset, size = 0, len(raw)
+    for i in range(count):
+        if offset + 4 > size:
+            raise BadRequest(f"input '{name}': BYTES data ends after {i} of {count} elements")
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += 4
+        if offset + length > size:
+            raise BadRequest(f"input '{name}': BYTES element {i} overruns the data")
+        try:
+            out[i] = bytes(raw[offset : offset + length]).decode()
+        except UnicodeDecodeError:
+            raise BadRequest(f"input '{name}': BYTES element {i} is not UTF-8") from None
+        offset += length
+    if offset != size:
+        raise BadRequest(f"input '{name}': {size - offset} bytes of BYTES data left over")
+    return out
+
+
 def _binary_tensor(raw: memoryview, name: str, dtype: np.dtype, shape: tuple[int, ...]):
     count = math.prod(shape)
+    if dtype.kind == "O":
+        return _binary_strings(raw, name, count).reshape(shape)
     if len(raw) != count * dtype.itemsize:
         raise BadRequest(
             f"input '{name}': shape {list(shape)} of {dtype.name} needs "
@@ -194,6 +249,30 @@ def decode_request(body: bytes, header_length: str | None = None) -> InferReques
     )
 
 
+def _as_text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def tensor_data(array: np.ndarray) -> Any:
+    """A tensor's flat JSON `data`: the array itself (orjson serialises it) or, for BYTES, a
+    list of strings."""
+    flat = np.ascontiguousarray(array).ravel()
+    if flat.dtype.kind in "OUS":
+        return [_as_text(v) for v in flat.tolist()]
+    return flat
+
+
+def tensor_bytes(array: np.ndarray) -> bytes:
+    """A tensor in Triton's binary form (BYTES: length-prefixed UTF-8 elements)."""
+    if array.dtype.kind in "OUS":
+        parts = []
+        for value in np.asarray(array).ravel().tolist():
+            raw = value if isinstance(value, bytes) else str(value).encode()
+            parts += [_LENGTH.pack(len(raw)), raw]
+        return b"".join(parts)
+    return np.ascontiguousarray(array).tobytes()
+
+
 def encode_response(
     model: str,
     version: str,
@@ -218,11 +297,11 @@ def encode_response(
             "shape": list(array.shape),
         }
         if binary:
-            blob = np.ascontiguousarray(array).tobytes()
+            blob = tensor_bytes(array)
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            tensor["data"] = np.ascontiguousarray(array).ravel()
+            tensor["data"] = tensor_data(array)
         tensors.append(tensor)
     doc["outputs"] = tensors
     head = orjson.dumps(doc, option=_JSON_OPTS)
@@ -249,11 +328,11 @@ def encode_request(
             "datatype": datatype_of(array),
         }
         if binary:
-            blob = np.ascontiguousarray(array).tobytes()
+            blob = tensor_bytes(array)
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            tensor["data"] = np.ascontiguousarray(array).ravel()
+            tensor["data"] = tensor_data(array)
         tensors.append(tensor)
     doc: dict[str, Any] = {"inputs": tensors}
     if outputs is None:
@@ -275,12 +354,16 @@ def decode_response(body: bytes, header_length: str | None = None) -> dict[str, 
     head, blob, offset = orjson.loads(body[:n]), memoryview(body)[n:], 0
     outputs = {}
     for tensor in head["outputs"]:
+        name, shape = tensor["name"], tensor["shape"]
         dtype = NP_TYPES[tensor["datatype"]]
         size = (tensor.get("parameters") or {}).get("binary_data_size")
         if size is None:
-            outputs[tensor["name"]] = np.asarray(tensor["data"], dtype).reshape(tensor["shape"])
+            data = tensor["data"]
+            if dtype.kind == "O":
+                outputs[name] = _strings(data, name).reshape(shape)
+            else:
+                outputs[name] = np.asarray(data, dtype).reshape(shape)
         else:
-            raw = blob[offset : offset + size]
-            outputs[tensor["name"]] = np.frombuffer(raw, dtype).reshape(tensor["shape"])
+            outputs[name] = _binary_tensor(blob[offset : offset + size], name, dtype, shape)
             offset += size
     return outputs

@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class BatchingOverride(BaseModel):
     """Per-model serving knobs; a field left unset keeps the model config's value.
 
-    `variant` serves a version's accepted `optimized` or `int8` graph instead of `model.onnx`.
+    `variant` serves a version's accepted `optimized`, `int8` or `fp16` graph instead of
+    `model.onnx`.
     """
 
     max_batch_size: int | None = Field(default=None, ge=1)
@@ -20,7 +21,10 @@ class BatchingOverride(BaseModel):
     max_queue_size: int | None = Field(default=None, ge=1)
     timeout_ms: float | None = Field(default=None, gt=0)
     instance_count: int | None = Field(default=None, ge=1)
-    variant: Literal["optimized", "int8"] | None = None
+    variant: Literal["optimized", "int8", "fp16"] | None = None
+    device_ids: list[int] | None = Field(
+        default=None, description="GPUs to place instances on, round-robin (Triton's gpus)."
+    )
 
 
 class Settings(BaseSettings):
@@ -37,7 +41,28 @@ class Settings(BaseSettings):
     models: list[str] | None = Field(
         default=None, description="Models to load at start-up (default: every model found)."
     )
-    version_policy: Literal["latest", "all"] = "latest"
+    version_policy: Literal["latest", "all"] = Field(
+        default="latest",
+        description="Versions served when a model's config names no version_policy: the "
+        "highest, or all.",
+    )
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        default="none",
+        description="Triton's: none = the repository is read at start-up and the load/unload API "
+        "is refused; explicit = only the load/unload API changes what serves; poll = the "
+        "repository is rescanned every repository_poll_secs.",
+    )
+    repository_poll_secs: float = Field(default=15.0, gt=0)
+    load_model: list[str] | None = Field(
+        default=None, description="Explicit mode: models to load at start-up ('*' = all)."
+    )
+    strict_readiness: bool = Field(
+        default=True,
+        description="Ready only when every model that should serve does (Triton's default).",
+    )
+    default_max_batch_size: int = Field(
+        default=32, ge=1, description="max_batch_size of a batchable model whose config names none."
+    )
 
     providers: list[str] | None = Field(
         default=None,
@@ -48,6 +73,14 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=0, ge=0, description="0 sizes threads to the cores.")
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
     device_id: int = Field(default=0, ge=0)
+    gpu_mem_limit: int = Field(default=0, ge=0, description="CUDA arena limit in bytes (0: none).")
+    arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = "kNextPowerOfTwo"
+    use_tf32: bool = Field(default=False, description="TF32 matmuls (off keeps FP32 parity).")
+    enable_cuda_graph: bool = False
+    io_binding: bool = Field(default=False, description="IO binding on GPU providers.")
+    trt_engine_cache_path: Path | None = Field(
+        default=None, description="Where TensorRT keeps engines and timing caches."
+    )
 
     batching: bool = Field(default=True, description="False runs every request on its own.")
     default_batching: BatchingOverride = Field(default_factory=BatchingOverride)
@@ -61,6 +94,9 @@ class Settings(BaseSettings):
         default=None, description="Batch-scoring jobs may read and write only under this folder."
     )
     jobs_concurrency: int = Field(default=1, ge=1, description="Batch-scoring jobs run at once.")
+    saturation_target_ms: float = Field(
+        default=50.0, gt=0, description="Queue time at which onnxserve_saturation reads 1."
+    )
     log_level: str = "info"
 
     def batching_for(self, model: str) -> BatchingOverride:

@@ -50,7 +50,8 @@ def error_answer(exc: ServeError) -> Answer:
 
 
 def validate_inputs(config: ModelConfig, inputs: dict[str, np.ndarray]) -> int:
-    """Check names, datatypes, ranks and fixed dimensions against the config; returns the rows."""
+    """Check names, datatypes, ranks and fixed dimensions against the config; returns the rows
+    (1 for a model without a batch axis, whose inputs carry its whole shape)."""
     specs = {s.name: s for s in config.inputs}
     unknown = [n for n in inputs if n not in specs]
     if unknown:
@@ -61,6 +62,7 @@ def validate_inputs(config: ModelConfig, inputs: dict[str, np.ndarray]) -> int:
     if missing:
         raise BadRequest(f"missing input '{missing[0]}' for model '{config.name}'")
     rows = None
+    batched = config.batchable
     for name, array in inputs.items():
         spec = specs[name]
         if array.dtype != NP_TYPES.get(spec.datatype):
@@ -74,17 +76,19 @@ def validate_inputs(config: ModelConfig, inputs: dict[str, np.ndarray]) -> int:
                 f"model '{config.name}' expects rank {len(spec.shape)} (shape {spec.shape})"
             )
         for axis, (want, got_dim) in enumerate(zip(spec.shape, array.shape, strict=True)):
-            if axis and want != -1 and want != got_dim:
+            if (axis or not batched) and want != -1 and want != got_dim:
                 raise BadRequest(
                     f"input '{name}' dimension {axis} is {got_dim}; model '{config.name}' "
                     f"expects {want} (shape {spec.shape}, -1 = any)"
                 )
+        if not batched:
+            continue
         if array.shape[0] < 1:
             raise BadRequest(f"input '{name}' has an empty batch dimension")
         if rows is not None and array.shape[0] != rows:
             raise BadRequest("all inputs must have the same batch dimension (first axis)")
         rows = array.shape[0]
-    return rows or 0
+    return rows if batched and rows else 1
 
 
 def _timing(result: BatchResult, total_s: float) -> str:
@@ -133,6 +137,7 @@ class DataPlane:
     ) -> Answer:
         """POST /v2/models/{name}[/versions/{version}]/infer."""
         start = time.perf_counter()
+        model = None
         try:
             model = self.repository.get(name, version)
             raw = decompress(body, headers.get("content-encoding"), self.max_body_bytes)
@@ -159,7 +164,7 @@ class DataPlane:
                 params,
             )
         except Exception as exc:
-            return self.failed(name, version, _as_serve_error(exc))
+            return self._failed_on(model, start, name, version, exc)
         total = time.perf_counter() - start
         self._succeeded(model, result, total)
         answer_headers = {"server-timing": _timing(result, total)}
@@ -182,17 +187,32 @@ class DataPlane:
                 )
         return [(o.name, o.binary) for o in request.outputs]
 
+    def _failed_on(
+        self,
+        model: LoadedModel | None,
+        start: float,
+        name: str,
+        version: str | None,
+        exc: Exception,
+    ) -> Answer:
+        """A request that failed after `start`; counted on its model version if it had one."""
+        if model is not None:
+            model.stats.failed(time.perf_counter() - start)
+        return self.failed(name, version, _as_serve_error(exc))
+
     def _succeeded(self, model: LoadedModel, result: BatchResult, total_s: float) -> None:
         m = model.metrics
         m.success.inc()
         m.request_duration.observe(total_s)
         m.queue_duration.observe(result.queue_s)
+        model.stats.succeeded(total_s, result.queue_s)
 
     async def predict_v1(
         self, name: str, version: str | None, body: bytes, gone: Callable[[], bool] | None = None
     ) -> Answer:
         """POST /v1/models/{name}:predict with {"instances": [...]}."""
         start = time.perf_counter()
+        model = None
         try:
             model = self.repository.get(name, version)
             inputs = v1_inputs(model.config, body)
@@ -207,7 +227,7 @@ class DataPlane:
                 }
             )
         except Exception as exc:
-            return self.failed(name, version, _as_serve_error(exc))
+            return self._failed_on(model, start, name, version, exc)
         total = time.perf_counter() - start
         self._succeeded(model, result, total)
         return Answer(200, out, {"content-type": JSON, "server-timing": _timing(result, total)})

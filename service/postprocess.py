@@ -27,8 +27,10 @@ def predictions(config: ModelConfig, outputs: dict[str, np.ndarray]) -> Columns:
     """Columns of per-row answers for the model's task.
 
     classification: `label`, `class_index`, `probabilities`; anomaly: `score`, `is_anomaly`;
-    forecast: `forecast` (in the series' original units).
+    forecast: `forecast` (in the series' original units); no task: every output as it is.
     """
+    if config.task is None:
+        return dict(outputs)
     if config.task == "classification":
         probs = _output(config, outputs, "probabilities")
         index = probs.argmax(axis=1)

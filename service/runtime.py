@@ -9,9 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from service.config import BatchingOverride, Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,19 @@ class RuntimeOptions:
     cudnn_conv_algo_search: str = "HEURISTIC"
     device_id: int = 0
     require_gpu: bool = False
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, override: BatchingOverride | None = None
+    ) -> RuntimeOptions:
+        """The options for one model: server settings, with the model's own overrides on top."""
+        return cls(
+            providers=settings.providers,
+            intra_op_threads=settings.intra_op_threads,
+            cudnn_conv_algo_search=settings.cudnn_conv_algo_search,
+            device_id=settings.device_id,
+            require_gpu=settings.require_gpu,
+        )
 
 
 def _onnxruntime() -> ModuleType:
@@ -96,7 +112,8 @@ class ModelRuntime:
         self.provider: str = first.get_providers()[0]
         self.io_binding = self.provider in GPU_PROVIDERS
         self.inputs = {i.name: i for i in first.get_inputs()}
-        self.output_names = [o.name for o in first.get_outputs()]
+        self.outputs = {o.name: o for o in first.get_outputs()}
+        self.output_names = list(self.outputs)
         self._sessions.put(first)
         for _ in range(instances - 1):
             self._sessions.put(self._create())
@@ -159,6 +176,14 @@ class ModelRuntime:
             binding.bind_output(name, device, self.options.device_id)
         session.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
+
+    def warm_up_sizes(self, max_batch_size: int) -> tuple[int, ...]:
+        """Batch sizes to warm up before serving (the caller builds the inputs)."""
+        return tuple(sorted({1, max(1, max_batch_size)}))
+
+    def warm_up_lengths(self) -> tuple[int, ...]:
+        """Lengths to give dynamic non-batch axes during warm-up."""
+        return (8,)
 
     def warm_up(self, examples: Sequence[dict[str, np.ndarray]]) -> None:
         """Run each example once on every session (first-run allocation off the request path)."""

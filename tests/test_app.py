@@ -12,6 +12,7 @@ import pytest
 from service.app import create_app
 from service.config import Settings
 from service.errors import Cancelled
+from service.model_config import latest_version_dir
 from service.transport import disconnect_probe
 from tests.conftest import samples
 
@@ -93,12 +94,15 @@ async def test_require_gpu_on_a_cpu_machine_fails_readiness_with_the_reason(repo
 
 async def test_a_broken_config_leaves_the_server_up_and_says_why(repository, tmp_path):
     bad = tmp_path / "broken"
-    bad.mkdir()
+    (bad / "1").mkdir(parents=True)
+    cnn = latest_version_dir(repository / "cnn") / "model.onnx"
+    (bad / "1" / "model.onnx").write_bytes(cnn.read_bytes())
     (bad / "config.json").write_text('{"name": "broken", "task": "classification"}')
-    async with client_for(Settings(repository=tmp_path)) as c:
+    settings = Settings(repository=tmp_path, model_control_mode="explicit", load_model=["*"])
+    async with client_for(settings) as c:
         assert (await c.get("/v2/health/live")).status_code == 200
         r = await c.post("/v2/models/broken/infer", json={"inputs": []})
-        assert r.status_code == 503 and "inputs" in r.json()["error"]
+        assert r.status_code == 503 and "labels" in r.json()["error"]
         load = await c.post("/v2/repository/models/broken/load")
         assert load.status_code == 400 and "invalid config" in load.json()["error"]
 

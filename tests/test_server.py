@@ -256,14 +256,27 @@ def test_body_over_the_limit_is_413(server):
     assert "limit" in resp.json()["error"]
 
 
-def test_unloaded_model_is_503_until_loaded_again(server):
-    url = server.url
+def test_model_control_is_refused_in_the_default_mode(server):
+    for action in ("load", "unload"):
+        resp = httpx.post(f"{server.url}/v2/repository/models/cnn/{action}")
+        assert resp.status_code == 403, resp.text
+        assert "--model-control-mode explicit" in resp.json()["error"]
+    assert httpx.post(f"{server.url}/v2/models/cnn/infer", json=_cnn_body()).status_code == 200
+
+
+def test_unloaded_model_is_503_until_loaded_again(repository, tmp_path):
+    explicit = ("--model-control-mode", "explicit", "--load-model", "*")
+    with run_server(repository, tmp_path, *explicit) as srv:
+        _unload_and_reload(srv.url)
+
+
+def _unload_and_reload(url: str) -> None:
     assert httpx.post(f"{url}/v2/repository/models/autoencoder/unload").status_code == 200
     try:
         index = {e["name"]: e["state"] for e in httpx.post(f"{url}/v2/repository/index").json()}
         assert index["autoencoder"] == "UNLOADED" and index["cnn"] == "READY"
         resp = httpx.post(f"{url}/v2/models/autoencoder/infer", json=_cnn_body())
-        assert resp.status_code == 503 and "unloaded" in resp.json()["error"]
+        assert resp.status_code == 503 and "not loaded" in resp.json()["error"]
         assert httpx.get(f"{url}/v2/models/autoencoder/ready").status_code == 503
         assert httpx.get(f"{url}/v2/health/ready").status_code == 200
     finally:
