@@ -209,3 +209,21 @@ def test_statistics_count_what_was_served(client):
     assert any(b["batch_size"] == 3 for b in stats["batch_stats"])
     every = client.get_inference_statistics()["model_stats"]
     assert {s["name"] for s in every} >= set(CASES)
+
+
+def test_v1_predict_on_a_model_without_a_task(served):
+    rows = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    body = {"instances": [{"x": r, "k": [i + 2]} for i, r in enumerate(rows)]}
+    r = httpx.post(f"{served.url}/v1/models/two_inputs:predict", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"] == [
+        {"y": [2.0, 4.0, 6.0], "k_next": [3]},
+        {"y": [12.0, 15.0, 18.0], "k_next": [4]},
+    ]
+    iris = httpx.post(
+        f"{served.url}/v1/models/iris:predict",
+        json={"instances": foreign.iris_inputs(2).tolist()},
+    )
+    assert iris.status_code == 200, iris.text
+    first = iris.json()["predictions"][0]
+    assert first["label"] == "setosa" and len(first["probabilities"]) == 3
