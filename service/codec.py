@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,10 @@ from service.model_config import DATATYPES
 NP_TYPES: dict[str, np.dtype] = {k: np.dtype(v) for k, v in DATATYPES.items()}
 OIP_TYPES: dict[np.dtype, str] = {v: k for k, v in NP_TYPES.items()}
 BYTES = "BYTES"
+MAX_RANK = 32  # NumPy's own limit is 64; no model here needs more than a handful
+#: Called with (name, datatype, shape) for each input before its array is built: it raises to
+#: refuse the input (unknown name, wrong datatype or rank, over a limit).
+Check = Callable[[str, str, tuple[int, ...]], None]
 _LENGTH = struct.Struct("<I")
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -76,6 +81,8 @@ def _shape(spec: dict[str, Any], name: str) -> tuple[int, ...]:
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise BadRequest(f"input '{name}': 'shape' must be a list of non-negative integers")
+    if len(shape) > MAX_RANK:
+        raise BadRequest(f"input '{name}': rank {len(shape)} is over the limit of {MAX_RANK}")
     return tuple(shape)
 
 
@@ -185,8 +192,13 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def decode_request(body: bytes, header_length: str | None = None) -> InferRequest:
-    """Decode a v2 infer request: pure JSON, or a JSON header followed by binary tensors."""
+def decode_request(
+    body: bytes, header_length: str | None = None, check: Check | None = None
+) -> InferRequest:
+    """Decode a v2 infer request: pure JSON, or a JSON header followed by binary tensors.
+
+    `check` sees each input's declared name, datatype and shape before its array is built.
+    """
     view = memoryview(body)
     if header_length is None:
         head, rest = view, view[len(view) :]
@@ -216,6 +228,8 @@ def decode_request(body: bytes, header_length: str | None = None) -> InferReques
         if name in inputs:
             raise BadRequest(f"input '{name}' given twice")
         shape, dtype = _shape(spec, name), _dtype(spec, name)
+        if check is not None:
+            check(name, spec["datatype"], shape)
         size = _parameters(spec, f"input '{name}'").get("binary_data_size")
         if size is None:
             inputs[name] = _json_tensor(spec, name, dtype, shape)

@@ -22,6 +22,9 @@ class BatchingOverride(BaseModel):
     timeout_ms: float | None = Field(default=None, gt=0)
     instance_count: int | None = Field(default=None, ge=1)
     variant: Literal["optimized", "int8", "fp16"] | None = None
+    max_rows: int | None = Field(default=None, ge=1)
+    max_elements: int | None = Field(default=None, ge=1)
+    max_dim: int | None = Field(default=None, ge=1)
     device_ids: list[int] | None = Field(
         default=None, description="GPUs to place instances on, round-robin (Triton's gpus)."
     )
@@ -87,6 +90,13 @@ class Settings(BaseSettings):
     model_overrides: dict[str, BatchingOverride] = Field(default_factory=dict)
 
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_rows: int = Field(default=4096, ge=1, description="Rows per request (per model: limits).")
+    max_elements: int = Field(
+        default=4 * 1024 * 1024, ge=1, description="Elements per request, all inputs together."
+    )
+    max_dim: int = Field(
+        default=4096, ge=1, description="Length of each dynamic non-batch axis (e.g. a window)."
+    )
     fast_lane: bool = Field(
         default=True, description="Serve infer routes through the thin ASGI lane (same codec)."
     )

@@ -17,17 +17,11 @@ import orjson
 
 from service import postprocess
 from service.batcher import ONLINE, BatchResult
-from service.codec import (
-    HEADER_LENGTH,
-    NP_TYPES,
-    datatype_of,
-    decode_request,
-    decompress,
-    encode_response,
-)
+from service.codec import HEADER_LENGTH, NP_TYPES, decode_request, decompress, encode_response
 from service.errors import BadRequest, ServeError, error_body
 from service.model_config import ModelConfig
 from service.repository import LoadedModel, Repository
+from service.validation import Bounds, check_complete, check_finite, validate_inputs
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -47,48 +41,6 @@ class Answer:
 def error_answer(exc: ServeError) -> Answer:
     """An error as an Answer with the protocol's JSON body."""
     return Answer(exc.status, error_body(exc.message), {"content-type": JSON, **exc.headers})
-
-
-def validate_inputs(config: ModelConfig, inputs: dict[str, np.ndarray]) -> int:
-    """Check names, datatypes, ranks and fixed dimensions against the config; returns the rows
-    (1 for a model without a batch axis, whose inputs carry its whole shape)."""
-    specs = {s.name: s for s in config.inputs}
-    unknown = [n for n in inputs if n not in specs]
-    if unknown:
-        raise BadRequest(
-            f"unknown input '{unknown[0]}'; model '{config.name}' takes: {', '.join(specs)}"
-        )
-    missing = [n for n in specs if n not in inputs]
-    if missing:
-        raise BadRequest(f"missing input '{missing[0]}' for model '{config.name}'")
-    rows = None
-    batched = config.batchable
-    for name, array in inputs.items():
-        spec = specs[name]
-        if array.dtype != NP_TYPES.get(spec.datatype):
-            raise BadRequest(
-                f"input '{name}' has datatype {datatype_of(array)}; model '{config.name}' takes "
-                f"{spec.datatype}"
-            )
-        if array.ndim != len(spec.shape):
-            raise BadRequest(
-                f"input '{name}' has rank {array.ndim} (shape {list(array.shape)}); "
-                f"model '{config.name}' expects rank {len(spec.shape)} (shape {spec.shape})"
-            )
-        for axis, (want, got_dim) in enumerate(zip(spec.shape, array.shape, strict=True)):
-            if (axis or not batched) and want != -1 and want != got_dim:
-                raise BadRequest(
-                    f"input '{name}' dimension {axis} is {got_dim}; model '{config.name}' "
-                    f"expects {want} (shape {spec.shape}, -1 = any)"
-                )
-        if not batched:
-            continue
-        if array.shape[0] < 1:
-            raise BadRequest(f"input '{name}' has an empty batch dimension")
-        if rows is not None and array.shape[0] != rows:
-            raise BadRequest("all inputs must have the same batch dimension (first axis)")
-        rows = array.shape[0]
-    return rows if batched and rows else 1
 
 
 def _timing(result: BatchResult, total_s: float) -> str:
@@ -141,8 +93,11 @@ class DataPlane:
         try:
             model = self.repository.get(name, version)
             raw = decompress(body, headers.get("content-encoding"), self.max_body_bytes)
-            request = decode_request(raw, headers.get(HEADER_LENGTH))
-            validate_inputs(model.config, request.inputs)
+            request = decode_request(
+                raw, headers.get(HEADER_LENGTH), Bounds(model.config, model.limits)
+            )
+            check_complete(model.config, request.inputs)
+            check_finite(model.config, request.inputs)
             wanted = self._wanted_outputs(model.config, request)
             timeout = request.parameters.get("timeout")  # Triton: microseconds
             timeout_ms = None
@@ -216,7 +171,7 @@ class DataPlane:
         try:
             model = self.repository.get(name, version)
             inputs = v1_inputs(model.config, body)
-            validate_inputs(model.config, inputs)
+            validate_inputs(model.config, model.limits, inputs)
             result = await model.batcher.submit(inputs, ONLINE, None, gone)
             columns = postprocess.predictions(model.config, result.outputs)
             out = orjson.dumps(

@@ -115,6 +115,15 @@ class VersionPolicy(_Strict):
         return sorted(available)[-self.latest.get("num_versions", 1) :]
 
 
+class Limits(_Strict):
+    """The most one request may ask of the model; unset fields take the server's defaults
+    (`--max-rows`, `--max-elements`, `--max-dim`; a forecast model's window defaults to 1024)."""
+
+    max_rows: int | None = Field(default=None, ge=1)
+    max_elements: int | None = Field(default=None, ge=1)
+    max_dim: int | None = Field(default=None, ge=1, description="Each dynamic non-batch axis.")
+
+
 class Normalization(_Strict):
     """Standardisation constants: `z = (x - mean) / std` (applied inside the ONNX graph)."""
 
@@ -167,6 +176,8 @@ class ModelConfig(_Strict):
     batching: Batching = Field(default_factory=Batching)
     instance_count: int = Field(default=1, ge=1)
     version_policy: VersionPolicy | None = None  # None: the server's --version-policy
+    limits: Limits = Field(default_factory=Limits)
+    allow_non_finite: bool = False  # NaN / inf in float inputs are refused unless True
     metrics: dict[str, float] = Field(default_factory=dict)
     parity: dict[str, Any] = Field(default_factory=dict)
     versions: list[Version] = Field(default_factory=list)

@@ -43,6 +43,7 @@ from service.model_config import (
 )
 from service.runtime import ModelRuntime, RuntimeOptions
 from service.stats import ModelStats
+from service.validation import Limits, resolve_limits
 from service.versions import parse_version
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class LoadedModel:
     executor: ThreadPoolExecutor
     model_file: str = MODEL_FILE
     stats: ModelStats = field(default_factory=ModelStats)
+    limits: Limits = Limits(max_rows=4096, max_elements=4 << 20, max_dim=4096)
     #: The config.json and model file stamps it was built from (a change means: reload).
     source: tuple[Stamp, Stamp] = (None, None)
 
@@ -534,14 +536,15 @@ class Repository:
         )
         return LoadedModel(
             name, version, config, batching, instances, runtime, batcher, metrics, executor,
-            path.name, stats,
+            path.name, stats, resolve_limits(config, override, self.settings),
         )  # fmt: skip
 
     def _batching(self, config: ModelConfig, override: BatchingOverride) -> Batching:
         """The config's batching knobs with the server's overrides; a model without a batch
         axis keeps max_batch_size 0 (an override asking for more is refused)."""
         update = override.model_dump(
-            exclude_none=True, exclude={"instance_count", "variant", "device_ids"}
+            exclude_none=True,
+            include={"max_batch_size", "max_queue_delay_ms", "max_queue_size", "timeout_ms"},
         )
         if not config.batchable:
             asked = update.pop("max_batch_size", 0)

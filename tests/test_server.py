@@ -294,7 +294,7 @@ def _unload_and_reload(url: str) -> None:
 
 
 def test_overload_refuses_fast_and_times_out_queued_requests(repository, tmp_path):
-    overrides = '{"lstm": {"max_batch_size": 1, "max_queue_size": 3}}'
+    overrides = '{"lstm": {"max_batch_size": 1, "max_queue_size": 3, "max_dim": 4000}}'
     long_window = np.linspace(300, 420, 4000, dtype=np.float32).reshape(1, -1, 1)
     body = orjson.dumps(v2_json("series", long_window))
     timed = orjson.dumps(v2_json("series", long_window, parameters={"timeout": 2000}))
@@ -353,7 +353,7 @@ def _binary_series(window: np.ndarray) -> tuple[bytes, dict[str, str]]:
 
 def test_a_client_that_hangs_up_is_never_computed(repository, tmp_path):
     short_body = orjson.dumps(v2_json("series", samples(repository, "lstm")[:1]))
-    overrides = '{"lstm": {"max_batch_size": 1}}'
+    overrides = '{"lstm": {"max_batch_size": 1, "max_dim": 2000000, "max_elements": 2000000}}'
 
     async def scenario(url: str) -> int:
         host, port = url.removeprefix("http://").split(":")
