@@ -3,10 +3,12 @@
 For each model a new `<repository>/<name>/<version>/` (max + 1; older versions stay) receives
 `model.onnx`, accepted variants, `checkpoint.pt`, `metrics.json` and `samples.npz` (up to 256
 held-out inputs as `inputs`, their ground truth as `targets`, and the ONNX graph's outputs under
-their own names). It is built in a hidden `.building-<version>-*` folder, renamed into place once
-parity holds; then `<repository>/<name>/config.json` is rewritten with the version appended to its
-history. Top-level `metrics`, `parity`, `threshold` and `normalization` describe the newest version;
-each history entry keeps its own metrics (the autoencoder's include its `threshold`).
+their own names). It is published by `export.publish` (a hidden staging folder renamed into place
+once parity holds, then `<repository>/<name>/config.json` rewritten with the version appended to
+its history), the pipeline `onnxserve export` shares. Top-level `metrics`, `parity`, `threshold`
+and `normalization` describe the newest version; each history entry keeps its own metrics (the
+autoencoder's include its `threshold`). Variants: `optimized`, `int8` and `fp16` (the FP16 graph
+keeps each spec's `keep_fp32` nodes, its pre/post-processing, in FP32).
 
 A model whose newest version has the current fingerprint (its sources, hyperparameters, the quick
 flag and the opset) and whose file exists is skipped unless `force`.
@@ -17,18 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from export.onnx_export import OPSET, export_onnx
+from export.publish import merge_config, publish_version, save_samples, version_entry
 from export.specs import COMMON_SOURCES, SPECS, ModelSpec
 from export.variants import make_variants
 from export.verify import check_parity, ort_predict, ort_session
@@ -40,13 +39,11 @@ from service.model_config import (
     Normalization,
     Version,
     load_config,
-    save_config,
 )
 
 log = logging.getLogger(__name__)
 
 MODEL_NAMES: tuple[str, ...] = tuple(SPECS)
-SAMPLES_FILE = "samples.npz"
 NORMALIZED = "weekly changes (first differences of the input series)"
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,13 +56,6 @@ def fingerprint(spec: ModelSpec, quick: bool = False) -> str:
     }
     payload = {"sources": sources, "hparams": spec.hparams(quick), "quick": quick, "opset": OPSET}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _next_version(model_dir: Path, config: ModelConfig | None) -> int:
-    used = [v.version for v in config.versions] if config else []
-    if model_dir.is_dir():
-        used += [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    return max(used, default=0) + 1
 
 
 def _up_to_date(model_dir: Path, config: ModelConfig | None, fp: str) -> Version | None:
@@ -90,23 +80,17 @@ def build_model(
         log.info("%s: version %d is up to date, skipped", spec.name, current.version)
         return _result(spec.name, current.version, True, start, current.metrics, model_dir)
 
-    version = _next_version(model_dir, config)
-    # Build in a staging folder that readers ignore (not a number), then rename it into place.
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".building-{version}-", dir=model_dir))
-    staging.chmod(0o755)  # mkdtemp's 0700 would hide the version from a server run as another user
-    try:
-        trained, entry = _publish(spec, staging, version, fp, quick)
-        staging.rename(model_dir / str(version))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    save_config(_config(spec, trained, entry, config), config_path)
-    log.info("%s: version %d written to %s", spec.name, version, model_dir / str(version))
-    return _result(spec.name, version, False, start, entry.metrics, model_dir)
+    published = publish_version(
+        model_dir,
+        [v.version for v in config.versions] if config else [],
+        lambda folder, version: _make(spec, folder, version, fp, quick),
+        lambda made: _config(spec, *made, config),
+    )
+    metrics = published.made[1].metrics
+    return _result(spec.name, published.version, False, start, metrics, model_dir)
 
 
-def _publish(
+def _make(
     spec: ModelSpec, folder: Path, version: int, fp: str, quick: bool
 ) -> tuple[Trained, Version]:
     """Train, export, check parity, make variants and samples in `folder`; the history entry."""
@@ -121,20 +105,18 @@ def _publish(
     metric = spec.tolerance.metric
     onnx_value = trained.evaluate(ort_predict(session))[metric]
     parity |= {"metric": metric, "torch": trained.metrics[metric], "onnx": onnx_value}
-    variants = make_variants(model_path, trained.evaluate, spec.tolerance, baseline=onnx_value)
-    outputs = ort_predict(session)(sample_x)
-    np.savez_compressed(folder / SAMPLES_FILE, inputs=sample_x, targets=sample_y, **outputs)
-    entry = Version(
-        version=version,
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-        file=MODEL_FILE,
-        sha256=hashlib.sha256(model_path.read_bytes()).hexdigest(),
-        size_bytes=model_path.stat().st_size,
-        opset=OPSET,
-        fingerprint=fp,
-        metrics=trained.metrics,
+    variants = make_variants(
+        model_path, trained.evaluate, spec.tolerance, baseline=onnx_value, keep_fp32=spec.keep_fp32
+    )
+    save_samples(folder, sample_x, ort_predict(session)(sample_x), targets=sample_y)
+    entry = version_entry(
+        model_path,
+        version,
+        OPSET,
         parity=parity,
         variants=variants,
+        metrics=trained.metrics,
+        fingerprint=fp,
     )
     return trained, entry
 
@@ -142,27 +124,25 @@ def _publish(
 def _config(
     spec: ModelSpec, trained: Trained, entry: Version, previous: ModelConfig | None
 ) -> ModelConfig:
-    """The model's config with `entry` appended to the previous history."""
+    """The model's config with `entry` appended to the previous history; knobs a user may have
+    tuned in config.json (batching, instances, version policy) survive a rebuild."""
     normalization = trained.extras.get("normalization")
-    return ModelConfig(
-        name=spec.name,
-        task=spec.task,
-        description=spec.description,
-        inputs=list(spec.inputs),
-        outputs=list(spec.outputs),
-        labels=list(spec.labels) if spec.labels else None,
-        threshold=trained.extras.get("threshold"),
-        normalization=Normalization(**normalization, applies_to=NORMALIZED)
+    fields = {
+        "name": spec.name,
+        "task": spec.task,
+        "description": spec.description,
+        "inputs": [s.model_dump() for s in spec.inputs],
+        "outputs": [s.model_dump() for s in spec.outputs],
+        "labels": list(spec.labels) if spec.labels else None,
+        "threshold": trained.extras.get("threshold"),
+        "normalization": Normalization(**normalization, applies_to=NORMALIZED).model_dump()
         if normalization
         else None,
-        preprocessing=spec.preprocessing,
-        # knobs a user may have tuned in config.json survive a rebuild
-        batching=previous.batching if previous else spec.batching,
-        instance_count=previous.instance_count if previous else 1,
-        metrics=entry.metrics,
-        parity=entry.parity,
-        versions=[*(previous.versions if previous else []), entry],
-    )
+        "preprocessing": spec.preprocessing,
+    }
+    if previous is None:
+        fields["batching"] = spec.batching.model_dump()
+    return merge_config(previous.model_dump() if previous else None, fields, entry)
 
 
 def _result(

@@ -1,9 +1,10 @@
-"""`torch.onnx.export` with dynamic axes, then `onnx.checker` and a check of the graph's I/O."""
+"""`torch.onnx.export` (the legacy TorchScript exporter) with dynamic axes, then `onnx.checker`'s
+full check and a check of the graph's I/O against the declared specs."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ AXIS_NAMES = {0: "batch", 1: "time"}
 
 
 class ExportError(RuntimeError):
-    """The exported graph does not match the declared inputs and outputs."""
+    """The module cannot be exported, or its graph does not match the declared inputs/outputs."""
 
 
 def dynamic_axes(specs: Sequence[TensorSpec]) -> dict[str, dict[int, str]]:
@@ -29,6 +30,40 @@ def dynamic_axes(specs: Sequence[TensorSpec]) -> dict[str, dict[int, str]]:
     }
 
 
+def torch_export(
+    module: nn.Module,
+    path: Path,
+    examples: Sequence[np.ndarray],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    axes: Mapping[str, Mapping[int, str]],
+    opset: int = OPSET,
+) -> onnx.ModelProto:
+    """Export `module` (eval mode) traced on `examples` (its positional arguments) with the named
+    dynamic `axes` per tensor, then run `onnx.checker`'s full check; ExportError if either fails."""
+    module.eval()
+    try:
+        with warnings.catch_warnings():
+            # The legacy exporter is ~10x faster here than dynamo; its warnings about itself and
+            # about traced shapes are answered by the parity check over several shapes.
+            for category in (DeprecationWarning, UserWarning, torch.jit.TracerWarning):
+                warnings.simplefilter("ignore", category)
+            torch.onnx.export(
+                module,
+                tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in examples),
+                str(path),
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_axes={k: dict(v) for k, v in axes.items() if v},
+                opset_version=opset,
+                dynamo=False,
+            )
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    return onnx.load(str(path))
+
+
 def export_onnx(
     module: nn.Module,
     path: Path,
@@ -37,26 +72,12 @@ def export_onnx(
     outputs: Sequence[TensorSpec],
     opset: int = OPSET,
 ) -> onnx.ModelProto:
-    """Export `module` (eval mode) traced on `example`, run the full checker, and verify that the
-    graph's inputs and outputs have the declared names, datatypes and shapes."""
-    module.eval()
-    with warnings.catch_warnings():
-        # The legacy exporter is ~10x faster here than dynamo; its warnings about itself and about
-        # LSTM batch sizes are answered by the parity check over several batch sizes.
-        for category in (DeprecationWarning, UserWarning, torch.jit.TracerWarning):
-            warnings.simplefilter("ignore", category)
-        torch.onnx.export(
-            module,
-            (torch.from_numpy(example),),
-            str(path),
-            input_names=[s.name for s in inputs],
-            output_names=[s.name for s in outputs],
-            dynamic_axes=dynamic_axes([*inputs, *outputs]),
-            opset_version=opset,
-            dynamo=False,
-        )
-    onnx.checker.check_model(str(path), full_check=True)
-    model = onnx.load(str(path))
+    """Export a single-input `module` traced on `example` (`-1` dims dynamic, see `dynamic_axes`),
+    run the full checker, and verify that the graph's inputs and outputs have the declared names,
+    datatypes and shapes."""
+    names = ([s.name for s in inputs], [s.name for s in outputs])
+    axes = dynamic_axes([*inputs, *outputs])
+    model = torch_export(module, path, [example], *names, axes, opset)
     check_io(model, inputs, outputs)
     return model
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from export.fp16 import WRAPPER_NODES
 from export.variants import Tolerance
 from models import autoencoder, cnn, lstm
 from models.data import load_co2, load_digit_splits
@@ -23,6 +24,8 @@ COMMON_SOURCES = (
     "models/train.py",
     "models/evaluate.py",
     "export/onnx_export.py",
+    "export/variants.py",  # which variants a version holds, and how they are made
+    "export/fp16.py",
 )
 IMAGE = TensorSpec(
     name="image",
@@ -37,7 +40,9 @@ class ModelSpec:
     """A model's entry in the repository and how to check it.
 
     `parity_batches` yields held-out input batches (the whole held-out set); `samples` returns up
-    to 256 held-out inputs and their ground truth for `samples.npz`.
+    to 256 held-out inputs and their ground truth for `samples.npz`; `keep_fp32` is the regex of
+    node names the FP16 variant keeps in FP32 (by default the serving wrapper's own
+    pre/post-processing: softmax, the LSTM's ppm arithmetic, the autoencoder's score).
     """
 
     name: str
@@ -54,6 +59,7 @@ class ModelSpec:
     samples: Callable[[], tuple[np.ndarray, np.ndarray]]
     labels: tuple[str, ...] | None = None
     argmax: tuple[str, ...] = ()
+    keep_fp32: str | None = WRAPPER_NODES
 
     def __post_init__(self) -> None:
         declared = ([s.name for s in self.inputs], [s.name for s in self.outputs])

@@ -37,7 +37,9 @@ import numpy as np
 
 from loadtests.bench.payloads import manifest_text
 from loadtests.bench.wrk import parse_wrk_output, wrk_command
-from loadtests.serverproc import free_port, serving
+from loadtests.payloads import V2_JSON, make_payload
+from loadtests.serverproc import free_port, serve_command, serving
+from service.model_config import SAMPLES_FILE, latest_version_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTIONS = 16
@@ -79,6 +81,8 @@ def child_score(args: argparse.Namespace) -> dict[str, Any]:
 def child_throughput(args: argparse.Namespace) -> dict[str, Any]:
     """Scoring beside the ceiling in one process, on one session: ONNX Runtime alone over the
     same number of rows (batches already in memory) just before and just after scoring."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from service.runtime import ModelRuntime, RuntimeOptions
     from service.scoring.engine import local_infer, run
     from service.scoring.plan import local_model, prepare
@@ -104,7 +108,8 @@ def child_throughput(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
     )  # fmt: skip
     cpu = time.process_time()
-    summary = asyncio.run(run(plan, local_infer(runtime)))
+    with ThreadPoolExecutor(1, "score-ort") as pool:
+        summary = asyncio.run(run(plan, local_infer(runtime, pool)))
     cpu_rate = summary.rows / (time.process_time() - cpu)
     after = ceiling()
     top, top_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
@@ -128,8 +133,8 @@ def run_child(kind: str, **options: Any) -> dict[str, Any]:
 
 # -- inputs ----------------------------------------------------------------------------------
 def samples(repository: Path) -> np.ndarray:
-    versions = [int(p.name) for p in (repository / "cnn").iterdir() if p.name.isdigit()]
-    with np.load(repository / "cnn" / str(max(versions)) / "samples.npz") as data:
+    """The CNN's real held-out inputs."""
+    with np.load(latest_version_dir(repository / "cnn") / SAMPLES_FILE) as data:
         return data["inputs"].astype(np.float32)
 
 
@@ -153,18 +158,7 @@ def write_input(repository: Path, path: Path, rows: int, layout: str) -> Path:
 # -- a server and wrk ------------------------------------------------------------------------
 @contextlib.contextmanager
 def server(repository: Path, jobs_root: Path, port: int, log: Path) -> Iterator[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "serve",
-        "--repository",
-        str(repository),
-        "--port",
-        str(port),
-        "--models",
-        "cnn",
-    ]
+    cmd = serve_command(repository, "--models", "cnn", port=port)
     env = {"ONNXSERVE_JOBS_ROOT": str(jobs_root)}
     url = f"http://127.0.0.1:{port}"
     with serving(cmd, log, f"{url}/v2/health/ready", env=env, timeout_s=60, stop_wait_s=30):
@@ -175,16 +169,11 @@ def wrk(url: str, workdir: Path, repository: Path, seconds: int) -> dict[str, An
     """Single-sample CNN v2 JSON requests at CONNECTIONS connections; wrk's latency figures."""
     x = samples(repository)[:8]
     entries = []
-    for i, image in enumerate(x):
+    for i in range(len(x)):
+        payload = make_payload("cnn", V2_JSON, {"image": x[i : i + 1]})
         body = workdir / f"body-{i}.json"
-        tensor = {
-            "name": "image",
-            "shape": [1, 1, 28, 28],
-            "datatype": "FP32",
-            "data": image.ravel().tolist(),
-        }
-        body.write_text(json.dumps({"inputs": [tensor]}))
-        entries.append(("/v2/models/cnn/infer", body, {"Content-Type": "application/json"}))
+        body.write_bytes(payload.body)
+        entries.append((payload.path, body, payload.headers))
     manifest = workdir / "requests.tsv"
     manifest.write_text(manifest_text(entries))
     cmd = wrk_command(url, manifest, CONNECTIONS, seconds)

@@ -1,6 +1,9 @@
 """`onnxserve loadtest`: run Locust headless against a server and write a report with plots.
 
 Without --url it starts `onnxserve serve` on --repository itself and stops it afterwards.
+Requests carry the model's held-out samples (`samples.npz` in --repository) when it has them,
+else random data of each input's datatype and shape from the server's metadata (--inputs);
+dynamic axes of random inputs take their sizes from --shape NAME:D1,D2 (no batch axis).
 Exit status: 0 done without failed requests (capacity search: a capacity was found), 1 some
 requests failed (or no step met the SLO), 2 the run could not start.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.capacity import MAX_FAILURE_RATIO, doubling, find_capacity
-from loadtests.payloads import PROTOCOLS, parse_mix
+from loadtests.payloads import INPUT_SOURCES, PROTOCOLS, V2_JSON, parse_mix, parse_shapes
 from loadtests.report import format_table
 from loadtests.runner import MODELS, LoadSpec, LoadTestError, local_server, preflight, run_once
 
@@ -58,10 +61,22 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     target.add_argument("--server-args", default="", help="extra flags for the local server")
     traffic = p.add_argument_group("traffic")
-    traffic.add_argument("--model", choices=[*MODELS, "mixed"], default="cnn")
-    traffic.add_argument("--protocol", choices=[*PROTOCOLS, "mixed"], default="v2-json")
+    traffic.add_argument(
+        "--model", default="cnn", help=f"{', '.join(MODELS)}, mixed, or any served model's name"
+    )
+    traffic.add_argument("--protocol", choices=[*PROTOCOLS, "mixed"], default=V2_JSON)
     traffic.add_argument("--rows", type=int, default=1, help="rows (samples) per request")
     traffic.add_argument("--mix", help="weights for --model mixed, e.g. cnn:6,autoencoder:3,lstm:1")
+    traffic.add_argument(
+        "--inputs", choices=INPUT_SOURCES, default="auto",
+        help="samples.npz from --repository, random data from the metadata, or auto: samples "
+        "when the model has them, else random",
+    )  # fmt: skip
+    traffic.add_argument(
+        "--shape", action="append", default=[], metavar="NAME:D1,D2",
+        help="sizes of an input's dynamic axes for random inputs, without the batch axis "
+        "(a model without one: its whole shape); repeat for each input",
+    )  # fmt: skip
     load = p.add_argument_group("load")
     load.add_argument("--users", type=int, default=8, help="concurrent users (closed loop)")
     load.add_argument("--spawn-rate", type=float, help="users started per second (default: all)")
@@ -102,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         _say("--rows, --users and --processes must be at least 1", sys.stderr)
         return 2
     try:
-        parse_mix(args.mix or "cnn", MODELS)
+        parse_mix(args.mix or "cnn")
+        shapes = ";".join(
+            f"{k}:{','.join(map(str, v))}" for k, v in parse_shapes(args.shape).items()
+        )
     except ValueError as exc:
         _say(str(exc), sys.stderr)
         return 2
@@ -116,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                 protocol=args.protocol, rows=args.rows, users=args.users,
                 spawn_rate=args.spawn_rate, duration_s=args.duration, steps=args.step_users,
                 step_s=args.step_duration, processes=args.processes, mix=args.mix,
+                inputs=args.inputs, shapes=shapes,
             )  # fmt: skip
-            preflight(url, spec.repository, spec.models())
+            for model, source in preflight(spec).items():
+                _say(f"{model} inputs: {source}")
             if args.find_capacity:
                 return _capacity(args, spec, out)
             return _single(spec, out)

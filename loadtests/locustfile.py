@@ -1,14 +1,20 @@
-"""Locust users for onnxserve: one per model, plus a weighted mix.
+"""Locust users for onnxserve: one per demo model, one for any served model, and a weighted mix.
 
     locust -f loadtests/locustfile.py -H http://127.0.0.1:8000            # web UI on :8089
     locust -f loadtests/locustfile.py -H URL --headless -u 8 -t 30s --model cnn --protocol v2-binary
+    locust -f loadtests/locustfile.py -H URL --headless -u 8 -t 30s --model mymodel \
+        --shape "tokens:16"                                    # a model of yours, random inputs
 
-Options (each also an env var; shown in the web UI): `--model` cnn|lstm|autoencoder|mixed
-(LOADTEST_MODEL; picks the user class unless classes are named on the command line),
-`--protocol` v2-json|v2-binary|v1|mixed (LOADTEST_PROTOCOL), `--rows` per request
-(LOADTEST_ROWS), `--mix` weights for MixedUser (LOADTEST_MIX, "cnn:6,autoencoder:3,lstm:1"),
-`--repository` holding the held-out samples (LOADTEST_REPOSITORY), `--timings-file` CSV of
-per-request client latency beside the Server-Timing header (LOADTEST_TIMINGS_FILE).
+Options (each also an env var; shown in the web UI): `--model` cnn|lstm|autoencoder|mixed or any
+served model's name (LOADTEST_MODEL; picks the user class unless classes are named on the
+command line: ModelUser for a model that is not one of ours), `--protocol`
+v2-json|v2-binary|v1|mixed (LOADTEST_PROTOCOL), `--rows` per request (LOADTEST_ROWS), `--mix`
+weights for MixedUser (LOADTEST_MIX, "cnn:6,autoencoder:3,lstm:1"), `--repository` holding the
+held-out samples (LOADTEST_REPOSITORY), `--inputs` auto|samples|random (LOADTEST_INPUTS: auto
+takes samples.npz when the repository has it, else random data from the metadata), `--shape`
+sizes of dynamic axes for random inputs, `NAME:D1,D2;NAME2:...` without the batch axis
+(LOADTEST_SHAPE), `--timings-file` CSV of per-request client latency beside the Server-Timing
+header (LOADTEST_TIMINGS_FILE).
 A step-load shape runs when LOADTEST_STEPS="1,8,32" is set (LOADTEST_STEP_DURATION seconds each).
 
 Worker-safe: every process loads its own payloads lazily; workers send their timing rows to the
@@ -40,11 +46,14 @@ if importlib.util.find_spec("loadtests") is None:  # a checkout that is not pip-
 
 from loadtests.payloads import (
     HEADER_LENGTH,
+    INPUT_SOURCES,
     PROTOCOLS,
+    V2_JSON,
     ModelTraffic,
-    load_samples,
     parse_mix,
     parse_server_timing,
+    parse_shapes,
+    traffic_for,
 )
 from loadtests.timing import TimingLog
 
@@ -63,12 +72,11 @@ _rng = np.random.default_rng()
 def _options(parser: Any) -> None:
     env = os.environ.get
     parser.add_argument(
-        "--model", choices=[*MODELS, "mixed"], default=env("LOADTEST_MODEL", "mixed"),
-        include_in_web_ui=False,
-        help="which user class runs when none is named (env LOADTEST_MODEL; default mixed)",
+        "--model", default=env("LOADTEST_MODEL", "mixed"), include_in_web_ui=False,
+        help="cnn, lstm, autoencoder, mixed, or any served model (env LOADTEST_MODEL)",
     )  # fmt: skip
     parser.add_argument(
-        "--protocol", choices=[*PROTOCOLS, "mixed"], default=env("LOADTEST_PROTOCOL", "v2-json"),
+        "--protocol", choices=[*PROTOCOLS, "mixed"], default=env("LOADTEST_PROTOCOL", V2_JSON),
         help="v2-json, v2-binary, v1 or mixed (env LOADTEST_PROTOCOL)",
     )  # fmt: skip
     parser.add_argument(
@@ -84,6 +92,14 @@ def _options(parser: Any) -> None:
         help="model repository holding samples.npz per model (env LOADTEST_REPOSITORY)",
     )  # fmt: skip
     parser.add_argument(
+        "--inputs", choices=INPUT_SOURCES, default=env("LOADTEST_INPUTS", "auto"),
+        help="samples.npz, random data from the metadata, or auto (env LOADTEST_INPUTS)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shape", default=env("LOADTEST_SHAPE", ""),
+        help="dynamic axes of random inputs, NAME:D1,D2;... without the batch axis",
+    )  # fmt: skip
+    parser.add_argument(
         "--timings-file", default=env("LOADTEST_TIMINGS_FILE", ""), include_in_web_ui=False,
         help="CSV of per-request client latency and Server-Timing (env LOADTEST_TIMINGS_FILE)",
     )  # fmt: skip
@@ -96,8 +112,8 @@ def _select_user_class(environment: Any, **_: Any) -> None:
     options = environment.parsed_options
     if options is None or isinstance(environment.runner, WorkerRunner) or options.user_classes:
         return
-    wanted = {"cnn": CnnUser, "lstm": LstmUser, "autoencoder": AutoencoderUser}
-    chosen = wanted.get(options.model, MixedUser)
+    wanted = {"cnn": CnnUser, "lstm": LstmUser, "autoencoder": AutoencoderUser, "mixed": MixedUser}
+    chosen = wanted.get(options.model, ModelUser)
     if chosen in environment.user_classes:
         environment.user_classes[:] = [chosen]
 
@@ -111,13 +127,20 @@ def _fetch_metadata(host: str, model: str) -> dict[str, Any]:
         raise RuntimeError(f"cannot read the metadata of '{model}' from {url}: {exc}") from exc
 
 
-def traffic(host: str, model: str, repository: str) -> ModelTraffic:
-    """The model's metadata (from the server) and samples (from the repository), once a process."""
+def traffic(host: str, model: str, options: Any) -> ModelTraffic:
+    """The model's metadata (from the server) and its inputs (samples from the repository, or
+    random), once a process."""
     key = (host, model)
     with _traffic_lock:
         if key not in _traffic:
             metadata = _fetch_metadata(host, model)
-            _traffic[key] = ModelTraffic(metadata, load_samples(repository, model))
+            _traffic[key] = traffic_for(
+                metadata,
+                Path(getattr(options, "repository", "model_repository")),
+                getattr(options, "inputs", "auto"),
+                parse_shapes(getattr(options, "shape", "")),
+            )
+            log.info("%s inputs: %s", model, _traffic[key].source)
         return _traffic[key]
 
 
@@ -174,12 +197,13 @@ class _InferenceUser(FastHttpUser):
     def setup(self) -> None:
         """Read the options and load each model's traffic (ValueError etc. if impossible)."""
         options = self.environment.parsed_options
-        self.protocol = getattr(options, "protocol", "v2-json")
+        self.protocol = getattr(options, "protocol", V2_JSON)
         self.rows = int(getattr(options, "rows", 1))
         if self.rows < 1:
             raise ValueError(f"--rows must be at least 1, got {self.rows}")
-        repository = getattr(options, "repository", "model_repository")
-        self.traffic = {m: traffic(self.host, m, repository) for m in self.models}
+        self.traffic = {m: traffic(self.host, m, options) for m in self.models}
+        for model_traffic in self.traffic.values():  # refused here, before any request
+            model_traffic.can_send(self.protocol, self.rows)
 
     def on_start(self) -> None:
         try:
@@ -196,9 +220,11 @@ class _InferenceUser(FastHttpUser):
             raise StopUser() from exc
 
     def infer(self, model: str) -> None:
-        """Send one request to `model` with random held-out rows and check the answer."""
-        protocol = random.choice(PROTOCOLS) if self.protocol == "mixed" else self.protocol
+        """Send one request to `model` with rows drawn from its inputs and check the answer."""
         model_traffic = self.traffic[model]
+        protocol = self.protocol
+        if protocol == "mixed":
+            protocol = random.choice(model_traffic.protocols)
         payload = random.choice(model_traffic.pool(protocol, self.rows, _rng))
         with self.client.post(
             payload.path, data=payload.body, headers=payload.headers,
@@ -244,13 +270,25 @@ class LstmUser(_InferenceUser):
         self.infer("lstm")
 
 
+class ModelUser(_InferenceUser):
+    """Any served model, named by `--model`; inputs from its samples.npz, else random."""
+
+    def setup(self) -> None:
+        self.models = (str(getattr(self.environment.parsed_options, "model", "")),)
+        super().setup()
+
+    @task
+    def infer_model(self) -> None:
+        self.infer(self.models[0])
+
+
 class MixedUser(_InferenceUser):
-    """All three models, each request's model drawn by the `--mix` weights."""
+    """Several models (by default our three), each request's model drawn by the `--mix` weights."""
 
     models = MODELS
 
     def setup(self) -> None:
-        mix = parse_mix(getattr(self.environment.parsed_options, "mix", DEFAULT_MIX), MODELS)
+        mix = parse_mix(getattr(self.environment.parsed_options, "mix", DEFAULT_MIX))
         self.models = tuple(mix)
         self.weights = list(mix.values())
         super().setup()

@@ -27,9 +27,9 @@ from typing import Any
 import psutil
 
 from loadtests import report
-from loadtests.payloads import load_samples, parse_mix
+from loadtests.payloads import V2_JSON, parse_mix, parse_shapes, traffic_for, unknown_shapes
 from loadtests.prom import metric_delta, parse_metrics, server_view
-from loadtests.serverproc import ServerNotReady, free_port, start, stop, wait_ready
+from loadtests.serverproc import ServerNotReady, free_port, serve_command, start, stop, wait_ready
 from loadtests.timing import read_timings, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +54,10 @@ class LoadSpec:
     url: str
     repository: Path
     model: str = "cnn"
-    protocol: str = "v2-json"
+    protocol: str = V2_JSON
     rows: int = 1
+    inputs: str = "auto"  # samples.npz, random data from the metadata, or auto
+    shapes: str = ""  # dynamic axes of random inputs: NAME:D1,D2;NAME2:...
     users: int = 4
     spawn_rate: float | None = None  # None: all users within about a second
     duration_s: float = 30.0
@@ -73,7 +75,7 @@ class LoadSpec:
         """The models this traffic reaches."""
         if self.model != "mixed":
             return [self.model]
-        return list(parse_mix(self.mix, MODELS)) if self.mix else list(MODELS)
+        return list(parse_mix(self.mix)) if self.mix else list(MODELS)
 
 
 def locust_command(spec: LoadSpec, out: Path) -> tuple[list[str], dict[str, str]]:
@@ -85,6 +87,7 @@ def locust_command(spec: LoadSpec, out: Path) -> tuple[list[str], dict[str, str]
         "--stop-timeout", "5",
         "--model", spec.model, "--protocol", spec.protocol, "--rows", str(spec.rows),
         "--repository", str(spec.repository), "--timings-file", str(out / "server_timing.csv"),
+        "--inputs", spec.inputs, "--shape", spec.shapes,
     ]  # fmt: skip
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env = {**os.environ, "PYTHONPATH": path}  # the locustfile imports `loadtests`
@@ -228,15 +231,23 @@ def fetch(url: str, timeout: float = 10.0) -> bytes:
         raise LoadTestError(f"cannot reach {url}: {exc}") from None
 
 
-def preflight(url: str, repository: Path, models: list[str]) -> None:
-    """Fail early, with the reason, if the server or the samples are not there."""
-    fetch(f"{url}/v2/health/ready")
-    for model in models:
-        fetch(f"{url}/v2/models/{model}")
-        try:
-            load_samples(repository, model)
-        except (OSError, ValueError) as exc:
-            raise LoadTestError(str(exc)) from None
+def preflight(spec: LoadSpec) -> dict[str, str]:
+    """Fail early, with the reason, if the server, a model or its inputs are not there, or the
+    requests asked for cannot be built; where each model's inputs come from."""
+    fetch(f"{spec.url}/v2/health/ready")
+    sources, metadata = {}, []
+    for model in spec.models():
+        metadata.append(json.loads(fetch(f"{spec.url}/v2/models/{model}")))
+    try:
+        shapes = parse_shapes(spec.shapes)
+        unknown_shapes(shapes, metadata)
+        for meta in metadata:
+            traffic = traffic_for(meta, spec.repository, spec.inputs, shapes)
+            traffic.can_send(spec.protocol, spec.rows)
+            sources[traffic.name] = traffic.source
+    except (OSError, ValueError) as exc:
+        raise LoadTestError(str(exc)) from None
+    return sources
 
 
 @contextlib.contextmanager
@@ -244,9 +255,7 @@ def local_server(repository: Path, log: Path, args: list[str] | None = None) -> 
     """`onnxserve serve` on a free loopback port until ready; yields its URL, stops it after."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--repository", str(repository),
-           "--host", "127.0.0.1", "--port", str(port), *(args or [])]  # fmt: skip
-    process = start(cmd, log)
+    process = start(serve_command(repository, *(args or []), port=port), log)
     try:
         try:
             wait_ready(process, f"{url}/v2/health/ready", log, poll_s=0.3)

@@ -1,6 +1,7 @@
-"""A server under test as a subprocess: start it (optionally pinned with taskset), wait until a
-URL answers 200, stop it (terminate, then kill if it lingers).
+"""A server under test as a subprocess: the command that starts it, start it (optionally pinned
+with taskset), wait until a URL answers 200, stop it (terminate, then kill if it lingers).
 
+    cmd = serve_command(repository, port=port)
     with serving(cmd, log, ready_url=f"http://127.0.0.1:{port}/v2/health/ready") as process:
         ...
 
@@ -13,6 +14,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +33,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_command(
+    repository: Path, *args: str, port: int | None = None, host: str = "127.0.0.1"
+) -> list[str]:
+    """`onnxserve serve` on `repository` with this interpreter, plus `args` (without `port`,
+    the caller adds `--port`)."""
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--repository", str(repository)]
+    cmd += ["--host", host, *([] if port is None else ["--port", str(port)])]
+    return [*cmd, *args]
 
 
 def answers_200(url: str, timeout: float = 2.0) -> bool:

@@ -10,7 +10,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -57,4 +56,6 @@ def auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
     """Area under the ROC curve of scores separating `anomalous` (positive) from `normal`."""
     scores = np.concatenate([normal, anomalous])
     truth = np.concatenate([np.zeros(len(normal)), np.ones(len(anomalous))])
+    from sklearn.metrics import roc_auc_score  # imported here: it costs seconds at start-up
+
     return float(roc_auc_score(truth, scores))

@@ -86,6 +86,9 @@ def _metadata(repo: Repository, model: LoadedModel) -> ModelMetadata:
     }
     if model.runtime.fallback_reason:
         params["fallback_reason"] = model.runtime.fallback_reason
+    params["sessions"] = [s.as_dict() for s in model.runtime.sessions]
+    if model.runtime.on_gpu:
+        params["gpus"] = model.runtime.gpus
     for extra in ("task", "labels", "threshold", "normalization"):
         value = getattr(config, extra)
         if value is not None:

@@ -13,21 +13,37 @@ from starlette.types import Receive, Scope, Send
 from service import __version__
 from service.api import ROUTERS
 from service.config import Settings, get_settings
-from service.dataplane import DataPlane
-from service.errors import install_error_handlers
+from service.dataplane import DataPlane, error_answer
+from service.errors import ServeError, install_error_handlers
 from service.fastlane import FastLane
 from service.jobs import JobManager
 from service.jobs_api import router as jobs_router
 from service.metrics import Metrics
 from service.repository import Repository
+from service.security import Guard, default_allowed_hosts, log_access, logged
+from service.transport import send_answer
 
 
 class OnnxServe(FastAPI):
-    """FastAPI, with the fast lane consulted before any of FastAPI's per-request machinery."""
+    """FastAPI, with the security check and then the fast lane before any of FastAPI's
+    per-request machinery."""
 
     fast_lane: FastLane | None = None
+    guard: Guard | None = None
+    access_log = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.guard is not None:
+            try:
+                caller = self.guard.check(scope)
+            except ServeError as exc:
+                await send_answer(send, error_answer(exc))
+                if self.access_log:
+                    log_access(scope, exc.status, None)
+                return
+            scope.setdefault("state", {})["caller"] = caller
+            if self.access_log:
+                send = logged(scope, send, caller)
         if self.fast_lane is not None and await self.fast_lane.handle(scope, receive, send):
             return
         await super().__call__(scope, receive, send)
@@ -36,7 +52,7 @@ class OnnxServe(FastAPI):
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models load when it starts (lifespan) and drain when it stops."""
     settings = settings or get_settings()
-    metrics = Metrics()
+    metrics = Metrics(saturation_target_s=settings.saturation_target_ms / 1000)
     repository = Repository(settings, metrics)
     dataplane = DataPlane(repository, settings.max_body_bytes)
     jobs = JobManager(settings, repository)
@@ -67,6 +83,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.repository = repository
     app.state.dataplane = dataplane
     app.state.jobs = jobs
+    app.guard = Guard(
+        settings.api_keys_file,
+        settings.allowed_hosts or default_allowed_hosts(settings.host),
+        settings.unsafe_anonymous_admin,
+        list(settings.anonymous_scopes) if settings.anonymous_scopes is not None else None,
+    )
+    app.access_log = settings.access_log
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -105,6 +105,14 @@ class Batcher:
         self._pump()
         await self._idle.wait()
 
+    def admit(self) -> None:
+        """Raise what `submit` would refuse with now (closing, or a full queue): cheap, so a
+        request can be refused before its body is read."""
+        if self._closed:
+            raise Unavailable("model is being unloaded; retry shortly")
+        if self.depth >= self.max_queue_size:
+            raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
+
     async def submit(
         self,
         inputs: Arrays,
@@ -117,10 +125,7 @@ class Batcher:
         `gone()` is asked just before the request would join a batch: True (the client went
         away) drops it uncomputed with Cancelled.
         """
-        if self._closed:
-            raise Unavailable("model is being unloaded; retry shortly")
-        if self.depth >= self.max_queue_size:
-            raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
+        self.admit()
         loop = self._loop
         assert loop is not None, "Batcher.start() was not called"
         rows = next(iter(inputs.values())).shape[0] if self.max_batch_size else 1

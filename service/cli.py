@@ -36,45 +36,78 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.app import create_app
-    from service.config import get_settings
+    from service.config import Settings, get_settings
+    from service.httpserver import serve
 
-    settings = get_settings(
-        repository=args.repository,
-        host=args.host,
-        port=args.port,
-        models=args.models.split(",") if args.models else None,
-        providers=args.providers.split(",") if args.providers else None,
-        intra_op_threads=args.threads,
-        require_gpu=True if args.require_gpu else None,
-        batching=False if args.no_batching else None,
-        max_body_bytes=args.max_body_bytes,
-        jobs_root=args.jobs_root,
-        log_level=args.log_level,
-        model_control_mode=args.model_control_mode,
-        repository_poll_secs=args.repository_poll_secs,
-        load_model=args.load_model,
-        strict_readiness=args.strict_readiness,
-        version_policy=args.version_policy,
-    )
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    settings = get_settings(**given)
     if not settings.repository.is_dir():
         where = settings.repository
         print(f"no model repository at {where}: run `onnxserve build`", file=sys.stderr)
         return 2
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=args.access_log,
-        proxy_headers=False,
-        server_header=False,
-        loop="auto",
-        http="auto",
+    return serve(create_app(settings), settings)
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _serve_flags(s: argparse.ArgumentParser) -> None:
+    """`onnxserve serve`'s flags: each `dest` is a Settings field (a test checks it), so every
+    flag is also an `ONNXSERVE_*` variable; None (not given) keeps the environment's value."""
+    s.add_argument("--repository", type=Path)
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--models", type=_csv, help="comma-separated models to load (default: all)")
+    s.add_argument("--version-policy", choices=["latest", "all"], help="default: latest")
+    s.add_argument(
+        "--model-control-mode", choices=["none", "poll", "explicit"],
+        help="none (default): read the repository at start-up; explicit: the load/unload API; "
+        "poll: follow the repository's files",
+    )  # fmt: skip
+    s.add_argument("--repository-poll-secs", type=float, help="poll mode's interval (default 15)")
+    s.add_argument(
+        "--load-model", action="append", metavar="NAME",
+        help="explicit mode: a model to load at start-up (repeatable; '*' = all)",
+    )  # fmt: skip
+    s.add_argument(
+        "--strict-readiness", type=_boolean, metavar="BOOL",
+        help="ready only when every model serves (default true; false: ready once started)",
+    )  # fmt: skip
+    s.add_argument("--providers", type=_csv, help="e.g. CUDAExecutionProvider,CPUExecutionProvider")
+    s.add_argument("--threads", dest="intra_op_threads", type=int, help="per session (0 = auto)")
+    s.add_argument("--require-gpu", action="store_const", const=True)
+    s.add_argument("--device-id", type=int)
+    s.add_argument(
+        "--no-batching", dest="batching", action="store_const", const=False,
+        help="run each request on its own",
+    )  # fmt: skip
+    s.add_argument("--max-body-bytes", type=int)
+    s.add_argument("--max-rows", type=int, help="rows per request (default 4096)")
+    s.add_argument("--max-elements", type=int, help="elements per request, all inputs together")
+    s.add_argument("--max-dim", type=int, help="length of each dynamic non-batch axis")
+    s.add_argument("--jobs-root", type=Path, help="enable /v1/jobs for files under this folder")
+    s.add_argument(
+        "--api-keys-file", type=Path, help="JSON keys with scopes (see docs/security.md)"
     )
-    return 0
+    s.add_argument(
+        "--anonymous-scopes", type=_csv,
+        help="scopes open without a key (default: infer,read,metrics without a keys file)",
+    )  # fmt: skip
+    s.add_argument(
+        "--unsafe-anonymous-admin", action="store_const", const=True,
+        help="local development only: model control and jobs without a key",
+    )  # fmt: skip
+    s.add_argument("--allowed-hosts", type=_csv, help="Host header names accepted ('*' = any)")
+    s.add_argument("--ssl-certfile", type=Path)
+    s.add_argument("--ssl-keyfile", type=Path)
+    s.add_argument("--header-timeout-s", type=float, help="request headers must arrive within")
+    s.add_argument("--body-timeout-s", type=float, help="a request body must arrive within")
+    s.add_argument("--keep-alive-timeout-s", type=float, help="idle keep-alive connections close")
+    s.add_argument("--graceful-timeout-s", type=float, help="shutdown waits at most this long")
+    s.add_argument("--log-level")
+    s.add_argument("--access-log", action="store_const", const=True)
 
 
 #: Subcommands whose parser lives with their feature, imported only when used.
@@ -83,6 +116,10 @@ DELEGATED = {
     "score": ("service.scoring.cli", "score a file through a model (offline, remote or Ray)"),
     "loadtest": ("loadtests.cli", "run Locust headless and write a report with plots"),
 }
+
+
+#: The extras each delegated command needs beyond the serving core.
+EXTRAS = {"export": "cpu,train", "score": "cpu,score", "loadtest": "loadtest"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,33 +135,7 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_build)
 
     s = sub.add_parser("serve", help="serve the repository over HTTP (env: ONNXSERVE_*)")
-    s.add_argument("--repository", type=Path)
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--models", help="comma-separated models to load (default: all)")
-    s.add_argument("--providers", help="e.g. CUDAExecutionProvider,CPUExecutionProvider")
-    s.add_argument("--threads", type=int, help="intra-op threads per session (0 = auto)")
-    s.add_argument("--require-gpu", action="store_true")
-    s.add_argument("--no-batching", action="store_true", help="run each request on its own")
-    s.add_argument("--max-body-bytes", type=int)
-    s.add_argument("--jobs-root", type=Path, help="enable /v1/jobs for files under this folder")
-    s.add_argument(
-        "--model-control-mode", choices=["none", "poll", "explicit"],
-        help="none (default): read the repository at start-up; explicit: the load/unload API; "
-        "poll: follow the repository's files",
-    )  # fmt: skip
-    s.add_argument("--repository-poll-secs", type=float, help="poll mode's interval (default 15)")
-    s.add_argument(
-        "--load-model", action="append", metavar="NAME",
-        help="explicit mode: a model to load at start-up (repeatable; '*' = all)",
-    )  # fmt: skip
-    s.add_argument(
-        "--strict-readiness", type=_boolean, metavar="BOOL",
-        help="ready only when every model serves (default true; false: ready once started)",
-    )  # fmt: skip
-    s.add_argument("--version-policy", choices=["latest", "all"], help="default: latest")
-    s.add_argument("--log-level")
-    s.add_argument("--access-log", action="store_true")
+    _serve_flags(s)
     s.set_defaults(func=_serve)
 
     for name, (_, text) in DELEGATED.items():  # listed in --help; main() hands them over
@@ -137,7 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:
-        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+        try:
+            module = importlib.import_module(DELEGATED[argv[0]][0])
+        except ModuleNotFoundError as exc:
+            extra = EXTRAS.get(argv[0], "")
+            print(
+                f"`onnxserve {argv[0]}` needs {exc.name!r}: pip install 'onnxserve[{extra}]'",
+                file=sys.stderr,
+            )
+            return 2
+        return module.main(argv[1:])
     args = parser().parse_args(argv)
     return args.func(args)
 

@@ -100,6 +100,32 @@ class Settings(BaseSettings):
     fast_lane: bool = Field(
         default=True, description="Serve infer routes through the thin ASGI lane (same codec)."
     )
+    api_keys_file: Path | None = Field(
+        default=None, description="API keys with scopes; reloaded when the file changes."
+    )
+    anonymous_scopes: list[Literal["infer", "read", "metrics"]] | None = Field(
+        default=None,
+        description="Scopes open without a key (default: infer, read and metrics without a keys "
+        "file; none with one).",
+    )
+    unsafe_anonymous_admin: bool = Field(
+        default=False, description="Model control and jobs without a key (local development)."
+    )
+    allowed_hosts: list[str] | None = Field(
+        default=None,
+        description="Host header names accepted (default: the loopback names when bound to "
+        "loopback, any otherwise).",
+    )
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0)
+    graceful_timeout_s: float = Field(default=30.0, gt=0)
+    drain_s: float = Field(
+        default=0.5, ge=0, description="At shutdown, idle connections stay open this long."
+    )
+    backlog: int = Field(default=2048, ge=1)
     jobs_root: Path | None = Field(
         default=None, description="Batch-scoring jobs may read and write only under this folder."
     )
@@ -108,6 +134,9 @@ class Settings(BaseSettings):
         default=50.0, gt=0, description="Queue time at which onnxserve_saturation reads 1."
     )
     log_level: str = "info"
+    access_log: bool = Field(
+        default=False, description="One line per request, with the key's name."
+    )
 
     def batching_for(self, model: str) -> BatchingOverride:
         """The overrides for one model: its own entry over the server-wide defaults."""

@@ -159,7 +159,7 @@ class DataPlane:
         m = model.metrics
         m.success.inc()
         m.request_duration.observe(total_s)
-        m.queue_duration.observe(result.queue_s)
+        m.queued(result.queue_s)
         model.stats.succeeded(total_s, result.queue_s)
 
     async def predict_v1(

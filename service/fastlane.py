@@ -29,8 +29,10 @@ async def answer_infer(
     receive: Any,
     max_body: int,
 ) -> Answer:
-    """Read the body and infer (shared with `api.py`)."""
+    """Admit, read the body and infer (shared with `api.py`). A request for an unknown model or
+    a full queue is refused before its body is read."""
     try:
+        dataplane.repository.get(model, version).batcher.admit()
         body = await read_body(receive, max_body, headers.get("content-length"))
     except ServeError as exc:
         return dataplane.failed(model, version, exc)

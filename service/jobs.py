@@ -35,9 +35,11 @@ from service.repository import LoadedModel, Repository
 from service.scoring.engine import Arrays, BadInput, Infer, run
 from service.scoring.plan import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_ROWS, Plan, prepare
 from service.scoring.writer import Manifest, write_atomic
+from service.security import ANONYMOUS_CALLER, Caller
 
 log = logging.getLogger(__name__)
 STATE_DIR = ".onnxserve-jobs"
+NAME_MAX, PATH_MAX = 255, 4096  # bytes per path component, characters per path (Linux)
 IN_FLIGHT = 2  # batcher pieces per job at once
 RETRIES = 100  # a busy queue refuses background work: wait and retry, this many times in a row
 
@@ -77,6 +79,7 @@ class Job(JobSpec):
     started: float | None = None
     finished: float | None = None
     total_rows: int = 0
+    owner: str | None = None  # the submitting key's name (None: anonymous)
     rows_done: int = 0
     scored: int = 0
     errors: int = 0
@@ -102,14 +105,23 @@ class JobManager:
                 "batch jobs are disabled on this server: start it with --jobs-root DIR (or "
                 "ONNXSERVE_JOBS_ROOT=DIR), the folder that jobs may read and write"
             )
+        path = Path(given)
+        too_long = [p for p in path.parts if len(p.encode(errors="replace")) > NAME_MAX]
+        if too_long or len(given) > PATH_MAX:
+            raise BadRequest(f"{what}: a path component or the path is too long")
         try:
-            path = Path(given)
             resolved = (path if path.is_absolute() else self.root / path).resolve()
         except (ValueError, OSError) as exc:  # e.g. an embedded NUL byte
-            raise BadRequest(f"{what} {given!r} is not a usable path: {exc}") from None
+            raise BadRequest(
+                f"{what} {given!r} is not a usable path: {type(exc).__name__}"
+            ) from None
         if not resolved.is_relative_to(self.root) or resolved.is_relative_to(self.state_dir):
-            raise Forbidden(f"{what} {given!r} is outside the jobs root {self.root}")
+            raise Forbidden(f"{what} {given!r} is outside the jobs root")
         return resolved
+
+    def _relative(self, message: str) -> str:
+        """`message` with the jobs root's absolute path taken out."""
+        return message.replace(f"{self.root}/", "").replace(str(self.root), "<jobs root>")
 
     @property
     def state_dir(self) -> Path:
@@ -129,7 +141,7 @@ class JobManager:
         )  # fmt: skip
 
     # -- the API's verbs ----------------------------------------------------------------------
-    async def submit(self, spec: JobSpec) -> Job:
+    async def submit(self, spec: JobSpec, caller: Caller = ANONYMOUS_CALLER) -> Job:
         """Check a job (paths, model, input, output) and queue it; 403/404/400 otherwise."""
         output = self._inside(spec.output, "output")
         self._inside(spec.input, "input")
@@ -137,10 +149,15 @@ class JobManager:
         job = Job(
             **spec.model_dump(),
             id=uuid.uuid4().hex[:12],
+            owner=caller.name,
             resolved_version=model.version,
-            piece_rows=min(spec.batch_size, model.batching.max_batch_size),
+            piece_rows=min(spec.batch_size, model.batching.max_batch_size or spec.batch_size),
         )
-        plan = await asyncio.to_thread(self._plan, job)
+        try:
+            plan = await asyncio.to_thread(self._plan, job)
+        except ServeError as exc:  # errors name paths relative to the jobs root only
+            exc.message = self._relative(exc.message)
+            raise
         job.total_rows = plan.reader.rows
         busy = [j.id for j in self.jobs.values() if j.state in LIVE
                 and self._inside(j.output, "output") == output]  # fmt: skip
@@ -150,20 +167,21 @@ class JobManager:
         self._start(job)
         return job
 
-    def get(self, job_id: str) -> Job:
-        """A job by id (404 if unknown)."""
-        try:
-            return self.jobs[job_id]
-        except KeyError:
-            raise NotFound(f"no job '{job_id}'") from None
+    def get(self, job_id: str, caller: Caller = ANONYMOUS_CALLER) -> Job:
+        """A job by id (404 if unknown, or if it is another caller's and `caller` is no admin)."""
+        job = self.jobs.get(job_id)
+        if job is None or not (caller.admin or job.owner == caller.name):
+            raise NotFound(f"no job '{job_id}'")
+        return job
 
-    def all(self) -> list[Job]:
-        """Every job this server knows of, oldest first."""
-        return sorted(self.jobs.values(), key=lambda j: j.created)
+    def all(self, caller: Caller = ANONYMOUS_CALLER) -> list[Job]:
+        """The jobs `caller` may see (an admin sees every job), oldest first."""
+        mine = [j for j in self.jobs.values() if caller.admin or j.owner == caller.name]
+        return sorted(mine, key=lambda j: j.created)
 
-    async def cancel(self, job_id: str) -> Job:
+    async def cancel(self, job_id: str, caller: Caller = ANONYMOUS_CALLER) -> Job:
         """Stop a queued or running job (committed chunks stay; resubmitting resumes)."""
-        job = self.get(job_id)
+        job = self.get(job_id, caller)
         task = self._tasks.get(job_id)
         if task is not None and not task.done():
             task.cancel()
@@ -214,10 +232,10 @@ class JobManager:
             self._save(job)
             return
         except ServeError as exc:
-            job.state, job.error = JobState.FAILED, exc.message
+            job.state, job.error = JobState.FAILED, self._relative(exc.message)
         except Exception as exc:
             log.exception("job %s failed", job.id)
-            job.state, job.error = JobState.FAILED, f"internal error: {exc}"
+            job.state, job.error = JobState.FAILED, self._relative(f"internal error: {exc}")
         job.finished = time.time()
         self._save(job)
 
@@ -252,6 +270,8 @@ class JobManager:
         """`infer` through the model's batcher, as background work in max_batch_size pieces."""
 
         async def infer(inputs: Arrays) -> Arrays:
+            if not self.repository.get(job.model, str(job.resolved_version)).config.batchable:
+                return await self._submit(job, inputs)  # a whole tensor: no rows to split
             rows = next(iter(inputs.values())).shape[0]
             outputs = []
             for lo in range(0, rows, job.piece_rows):

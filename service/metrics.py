@@ -1,11 +1,21 @@
 """Prometheus metrics, modelled on Triton's `nv_inference_*` family under an `onnxserve_` prefix.
 
 Mean batch size = `onnxserve_inference_count_total / onnxserve_inference_exec_count_total`.
+
+`onnxserve_saturation{model,version}` is the signal to autoscale on (docs/deploy.md): the recent
+queue time of a model version's requests over the target queue time, so 1.0 = at target. "Recent
+queue time" is an exponentially weighted mean: each request's wait in the batcher's queue weighs
+exp(-age / window), and the sum is divided by the total weight, or by 1 when less than one
+request's weight is left, so the gauge falls toward 0 once requests stop. It is computed when
+scraped; recording a request (`ModelMetrics.queued`) is a few float operations.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -15,12 +25,32 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: Default target queue time: saturation 1.0 means requests waited this long on average.
+SATURATION_TARGET_S = 0.05
+#: Time constant of the saturation gauge's weighting: a request's weight is exp(-age / window).
+SATURATION_WINDOW_S = 10.0
+SATURATION_HELP = (
+    "Recent queue time over the target queue time (1.0 = at target): the exponentially weighted "
+    "mean (time constant {window:g} s) of the time requests waited in the batcher's queue, "
+    "divided by {target:g} s; falls toward 0 when requests stop. Autoscale on this."
+)
 
 
 class Metrics:
     """The service's metric families, on a registry of its own (one per app)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        saturation_target_s: float = SATURATION_TARGET_S,
+        saturation_window_s: float = SATURATION_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if saturation_target_s <= 0 or saturation_window_s <= 0:
+            raise ValueError("saturation target and window must be positive (seconds)")
+        self.saturation_target_s = saturation_target_s
+        self.saturation_window_s = saturation_window_s
+        self.clock = clock
+        self._saturation_owner: dict[tuple[str, str], ModelMetrics] = {}
         self.registry = CollectorRegistry()
         labels = ("model", "version")
         r = self.registry
@@ -69,15 +99,22 @@ class Metrics:
         )
         self.provider = Gauge(
             "onnxserve_model_provider",
-            "1 for the execution provider that runs each loaded model version.",
-            (*labels, "provider"),
+            "1 for the execution provider that runs each loaded model version; `reason` says why "
+            "a GPU provider that was asked for is not the one (empty when it is).",
+            (*labels, "provider", "reason"),
+            registry=r,
+        )
+        self.saturation = Gauge(
+            "onnxserve_saturation",
+            SATURATION_HELP.format(window=saturation_window_s, target=saturation_target_s),
+            labels,
             registry=r,
         )
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
         """Label-bound children for one model version (cheap to use on the hot path)."""
         lv = (model, version)
-        return ModelMetrics(
+        bound = ModelMetrics(
             metrics=self,
             labels=lv,
             success=self.success.labels(*lv),
@@ -88,7 +125,15 @@ class Metrics:
             compute_duration=self.compute_duration.labels(*lv),
             batch_size=self.batch_size.labels(*lv),
             pending=self.pending.labels(*lv),
+            saturation_target_s=self.saturation_target_s,
+            saturation_window_s=self.saturation_window_s,
+            clock=self.clock,
         )
+        # The newest children for a label set own its saturation series (a reload builds the new
+        # version before the old one is removed).
+        self._saturation_owner[lv] = bound
+        self.saturation.labels(*lv).set_function(bound.saturation)
+        return bound
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
@@ -110,6 +155,27 @@ class ModelMetrics:
     batch_size: Histogram
     pending: Gauge
     provider_name: str = ""
+    provider_reason: str = ""
+    saturation_target_s: float = SATURATION_TARGET_S
+    saturation_window_s: float = SATURATION_WINDOW_S
+    clock: Callable[[], float] = time.monotonic
+    # (weighted sum of queue seconds, total weight, clock time of both): one tuple, replaced
+    # whole, so that a scrape on another thread reads a consistent state.
+    _recent: tuple[float, float, float] = field(default=(0.0, 0.0, -math.inf), repr=False)
+
+    def queued(self, seconds: float) -> None:
+        """Record one request's wait in the batcher's queue (histogram and saturation)."""
+        self.queue_duration.observe(seconds)
+        now = self.clock()
+        total, weight, then = self._recent
+        decay = math.exp(min(0.0, then - now) / self.saturation_window_s)
+        self._recent = (total * decay + seconds, weight * decay + 1.0, now)
+
+    def saturation(self) -> float:
+        """Recent queue time over the target (1.0 = at target); see the module docstring."""
+        total, weight, then = self._recent
+        decay = math.exp(min(0.0, then - self.clock()) / self.saturation_window_s)
+        return total * decay / max(weight * decay, 1.0) / self.saturation_target_s
 
     def batch(self, rows: int, compute_s: float) -> None:
         """Record one executed batch."""
@@ -118,13 +184,17 @@ class ModelMetrics:
         self.batch_size.observe(rows)
         self.compute_duration.observe(compute_s)
 
-    def set_provider(self, provider: str) -> None:
-        """Mark the provider that runs this model version."""
-        self.provider_name = provider
-        self.metrics.provider.labels(*self.labels, provider).set(1)
+    def set_provider(self, provider: str, reason: str = "") -> None:
+        """Mark the provider that runs this model version (and why not the GPU, if so)."""
+        self.provider_name, self.provider_reason = provider, reason
+        self.metrics.provider.labels(*self.labels, provider, reason).set(1)
 
     def remove(self) -> None:
-        """Zero the queue gauge and drop the provider series of an unloaded version."""
+        """Zero the queue gauge and drop the provider and saturation series of an unloaded
+        version (the saturation series only if no newer load of the same version owns it)."""
         self.pending.set_function(lambda: 0)
         if self.provider_name:
-            self.metrics.provider.remove(*self.labels, self.provider_name)
+            self.metrics.provider.remove(*self.labels, self.provider_name, self.provider_reason)
+        if self.metrics._saturation_owner.get(self.labels) is self:
+            del self.metrics._saturation_owner[self.labels]
+            self.metrics.saturation.remove(*self.labels)

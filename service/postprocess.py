@@ -13,6 +13,8 @@ import numpy as np
 from service.model_config import ModelConfig
 
 Columns = dict[str, np.ndarray]
+#: The output each task reads its answer from.
+TASK_OUTPUTS = {"classification": "probabilities", "anomaly": "score", "forecast": "forecast"}
 
 
 def _output(config: ModelConfig, outputs: dict[str, np.ndarray], name: str) -> np.ndarray:
@@ -32,14 +34,14 @@ def predictions(config: ModelConfig, outputs: dict[str, np.ndarray]) -> Columns:
     if config.task is None:
         return dict(outputs)
     if config.task == "classification":
-        probs = _output(config, outputs, "probabilities")
+        probs = _output(config, outputs, TASK_OUTPUTS["classification"])
         index = probs.argmax(axis=1)
         labels = np.asarray(config.labels, dtype=object)
         return {"label": labels[index], "class_index": index, "probabilities": probs}
     if config.task == "anomaly":
-        score = _output(config, outputs, "score").reshape(-1)
+        score = _output(config, outputs, TASK_OUTPUTS["anomaly"]).reshape(-1)
         return {"score": score, "is_anomaly": score > config.threshold}
-    forecast = _output(config, outputs, "forecast")
+    forecast = _output(config, outputs, TASK_OUTPUTS["forecast"])
     return {"forecast": forecast.reshape(forecast.shape[0], -1)[:, 0]}
 
 

@@ -15,6 +15,7 @@ fails to load leaves what was serving in place and is listed UNAVAILABLE with th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -109,6 +110,8 @@ def warm_up_inputs(
     or empty strings for BYTES). A model without a batch axis gets its own shape only."""
     examples = []
     sizes = batch_sizes if config.batchable else (0,)
+    dynamic = any(-1 in (s.shape[1:] if config.batchable else s.shape) for s in config.inputs)
+    lengths = lengths if dynamic else lengths[:1]
     for rows in sizes:
         for length in lengths:
             example = {}
@@ -402,7 +405,7 @@ class Repository:
                 await model.close()
         for model in new.values():  # after the old ones let go of the same label sets
             model.metrics.pending.set_function(partial(getattr, model.batcher, "depth"))
-            model.metrics.set_provider(model.runtime.provider)
+            model.metrics.set_provider(model.runtime.provider, model.runtime.fallback_reason or "")
         log.info("serving %s versions %s", name, sorted(new))
 
     async def unload(self, name: str) -> None:
@@ -489,6 +492,10 @@ class Repository:
     def _build_version(self, name: str, doc: dict | None, version: int) -> LoadedModel:
         override = self.settings.batching_for(name)
         options = RuntimeOptions.from_settings(self.settings, override)
+        if not options.max_batch_size:  # TensorRT's profiles: the config's batch size if known
+            known = ((doc or {}).get("batching") or {}).get("max_batch_size")
+            size = known if isinstance(known, int) else self.settings.default_max_batch_size
+            options = dataclasses.replace(options, max_batch_size=size)
         # the config's own instance_count, if any, is read after completion (below)
         instances = override.instance_count or int((doc or {}).get("instance_count") or 1)
         partial_config = doc or {}

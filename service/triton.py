@@ -57,7 +57,7 @@ def model_config(model: LoadedModel, policy: VersionPolicy) -> dict[str, Any]:
     """Triton's model-config JSON for one loaded version."""
     config, batching, runtime = model.config, model.batching, model.runtime
     batched = config.batchable
-    gpu = runtime.provider != "CPUExecutionProvider"
+    gpu = runtime.on_gpu
     doc: dict[str, Any] = {
         "name": config.name,
         "platform": "onnxruntime_onnx",
@@ -71,7 +71,7 @@ def model_config(model: LoadedModel, policy: VersionPolicy) -> dict[str, Any]:
                 "name": f"{config.name}_0",
                 "kind": "KIND_GPU" if gpu else "KIND_CPU",
                 "count": model.instances,
-                "gpus": [runtime.options.device_id] if gpu else [],
+                "gpus": list(runtime.gpus) if gpu else [],
             }
         ],
         "default_model_filename": model.model_file,

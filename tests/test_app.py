@@ -24,7 +24,7 @@ async def client_for(settings: Settings):
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             yield client
 
 
@@ -98,12 +98,17 @@ async def test_a_broken_config_leaves_the_server_up_and_says_why(repository, tmp
     cnn = latest_version_dir(repository / "cnn") / "model.onnx"
     (bad / "1" / "model.onnx").write_bytes(cnn.read_bytes())
     (bad / "config.json").write_text('{"name": "broken", "task": "classification"}')
-    settings = Settings(repository=tmp_path, model_control_mode="explicit", load_model=["*"])
+    settings = Settings(
+        repository=tmp_path,
+        model_control_mode="explicit",
+        load_model=["*"],
+        unsafe_anonymous_admin=True,
+    )
     async with client_for(settings) as c:
         assert (await c.get("/v2/health/live")).status_code == 200
         r = await c.post("/v2/models/broken/infer", json={"inputs": []})
         assert r.status_code == 503 and "labels" in r.json()["error"]
-        load = await c.post("/v2/repository/models/broken/load")
+        load = await c.post("/v2/repository/models/broken/load", json={})
         assert load.status_code == 400 and "invalid config" in load.json()["error"]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from loadtests.bench.cells import SERVERS, display_order, plan, server_command
 from loadtests.bench.cpu import foreign_cpu_pct, parse_cpu_list, parse_cpu_times, parse_proc_stat
-from loadtests.bench.payloads import make_payload, manifest_text, request_rows
+from loadtests.bench.payloads import manifest_text, request_rows
 from loadtests.bench.render import render_docs, render_markdown
 from loadtests.bench.targets import (
     TARGETS,
@@ -21,6 +21,7 @@ from loadtests.bench.targets import (
     find_cell,
 )
 from loadtests.bench.wrk import BENCH_JSON, LUA_SCRIPT, parse_wrk_output
+from loadtests.payloads import V1, V2_BINARY, V2_JSON, make_payload
 from loadtests.prom import counter_total, mean_batch_size, parse_samples
 from service.codec import decode_request
 
@@ -91,7 +92,7 @@ def test_manifest_refuses_tabs_in_fields(tmp_path: Path):
 # -- payloads -------------------------------------------------------------------------------------
 def test_binary_payload_decodes_to_the_same_array_with_the_service_codec():
     x = np.arange(2 * 1 * 28 * 28, dtype=np.float32).reshape(2, 1, 28, 28) / 7
-    payload = make_payload("cnn", "v2_binary", "image", x)
+    payload = make_payload("cnn", V2_BINARY, {"image": x})
     assert payload.path == "/v2/models/cnn/infer"
     request = decode_request(payload.body, payload.headers["Inference-Header-Content-Length"])
     np.testing.assert_array_equal(request.inputs["image"], x)
@@ -100,21 +101,21 @@ def test_binary_payload_decodes_to_the_same_array_with_the_service_codec():
 
 def test_json_payload_decodes_to_the_same_array_with_the_service_codec():
     x = np.random.default_rng(0).random((1, 52, 1), dtype=np.float32)
-    payload = make_payload("lstm", "v2_json", "series", x)
+    payload = make_payload("lstm", V2_JSON, {"series": x})
     assert payload.headers == {"Content-Type": "application/json"}
     np.testing.assert_array_equal(decode_request(payload.body).inputs["series"], x)
 
 
 def test_v1_payload_holds_one_instance_per_row():
     x = np.ones((3, 1, 2, 2), dtype=np.float32)
-    payload = make_payload("cnn", "v1", "image", x)
+    payload = make_payload("cnn", V1, {"image": x})
     assert payload.path == "/v1/models/cnn:predict"
     assert np.asarray(orjson.loads(payload.body)["instances"]).shape == (3, 1, 2, 2)
 
 
 def test_unknown_protocol_is_refused():
     with pytest.raises(ValueError):
-        make_payload("cnn", "grpc", "image", np.zeros((1, 1), np.float32))
+        make_payload("cnn", "grpc", {"image": np.zeros((1, 1), np.float32)})
 
 
 def test_request_rows_wrap_round_the_samples():
@@ -243,7 +244,7 @@ INPROCESS = {
             "ceiling": [{"batch": 32, "samples_per_s": 64_000.0, "ms_per_batch": 0.5}],
             "floor": [
                 {
-                    "protocol": "v2_json",
+                    "protocol": V2_JSON,
                     "rows": 1,
                     "body_bytes": 7000,
                     "req_per_s": 8000.0,
@@ -272,12 +273,12 @@ def test_targets_compare_the_right_cells():
     on, off = "on", "off"
     cells = _fake_cells(
         {
-            ("baseline", "cnn", "v2_json", 64, 1, "n/a"): 2000.0,
-            ("onnxserve", "cnn", "v2_json", 64, 1, on): 4000.0,
-            ("onnxserve", "cnn", "v2_binary", 64, 1, on): 4700.0,
-            ("onnxserve", "cnn", "v2_binary", 16, 32, on): 1500.0,  # 48,000 samples/s
-            ("onnxserve", "lstm", "v2_json", 64, 1, on): 1800.0,
-            ("onnxserve", "lstm", "v2_json", 64, 1, off): 1000.0,
+            ("baseline", "cnn", V2_JSON, 64, 1, "n/a"): 2000.0,
+            ("onnxserve", "cnn", V2_JSON, 64, 1, on): 4000.0,
+            ("onnxserve", "cnn", V2_BINARY, 64, 1, on): 4700.0,
+            ("onnxserve", "cnn", V2_BINARY, 16, 32, on): 1500.0,  # 48,000 samples/s
+            ("onnxserve", "lstm", V2_JSON, 64, 1, on): 1800.0,
+            ("onnxserve", "lstm", V2_JSON, 64, 1, off): 1000.0,
         }
     )
     targets = _by_id(evaluate_targets(cells, INPROCESS))
@@ -301,7 +302,7 @@ def test_a_missing_or_failing_cell_fails_its_target_with_a_note():
         if not (c["server"] == "baseline" and c["model"] == "cnn" and c["conns"] == 64)
     ]
     for c in cells:
-        if c["model"] == "lstm" and c["batching"] == "off" and c["protocol"] == "v2_json":
+        if c["model"] == "lstm" and c["batching"] == "off" and c["protocol"] == V2_JSON:
             c["failed_requests"] = 3
         if c["model"] == "cnn" and c["conns"] == 1 and c["server"] == "onnxserve":
             c["noisy"] = True
@@ -314,7 +315,7 @@ def test_a_missing_or_failing_cell_fails_its_target_with_a_note():
 
 
 def test_comparisons_are_against_the_baseline_with_the_same_connections():
-    cells = _fake_cells({("baseline", "cnn", "v2_json", 16, 1, "n/a"): 500.0})
+    cells = _fake_cells({("baseline", "cnn", V2_JSON, 16, 1, "n/a"): 500.0})
     attach_comparisons(cells, INPROCESS)
     cell = find_cell(cells, server="onnxserve", model="cnn", protocol="v1", conns=16, batching="on")
     assert cell["vs_baseline"]["rps"] == pytest.approx(2.0)
@@ -371,9 +372,9 @@ def test_plan_measures_compared_cells_side_by_side():
     specs = plan()
     assert len(set(specs)) == len(specs)
     labels = [s.label for s in specs]
-    base = labels.index("baseline cnn v2_json rows=1 conns=64")
-    assert labels[base + 1] == "onnxserve[batching on] cnn v2_json rows=1 conns=64"
-    assert labels[base + 2] == "onnxserve[batching off] cnn v2_json rows=1 conns=64"
+    base = labels.index(f"baseline cnn {V2_JSON} rows=1 conns=64")
+    assert labels[base + 1] == f"onnxserve[batching on] cnn {V2_JSON} rows=1 conns=64"
+    assert labels[base + 2] == f"onnxserve[batching off] cnn {V2_JSON} rows=1 conns=64"
 
 
 def test_report_order_groups_cells_by_server():

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 import export.build as build
-from export.build import MODEL_NAMES, SAMPLES_FILE, build_repository
+from export.build import MODEL_NAMES, build_repository
 from export.specs import SPECS
 from export.verify import ParityError
-from service.model_config import CONFIG_FILE, MODEL_FILE, load_config, version_dirs
+from service.model_config import CONFIG_FILE, MODEL_FILE, SAMPLES_FILE, load_config, version_dirs
+from tests.conftest import run_server
 
 pytestmark = pytest.mark.e2e
 
@@ -65,8 +67,28 @@ def test_repository_loads_and_matches_its_config(
         assert found.type == ORT_TYPES[spec.datatype]
     assert all(d <= 1e-4 for d in config.parity["max_abs_diff"].values())
     assert config.parity["onnx"] == pytest.approx(config.parity["torch"], abs=1e-6)
+    assert [v.kind for v in entry.variants] == ["optimized", "int8", "fp16"]
     for variant in entry.variants:
         assert (root / name / "1" / variant.file).is_file() == variant.accepted
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_fp16_variant_is_built_and_measured(quick_repo: tuple[Path, list[dict]], name: str) -> None:
+    """An FP16 graph per model, FP32 at its inputs and outputs, measured like the others."""
+    root, _ = quick_repo
+    config = load_config(root / name / CONFIG_FILE)
+    (fp16,) = [v for v in config.versions[0].variants if v.kind == "fp16"]
+    assert fp16.accepted and fp16.file == "model.fp16.onnx"
+    assert fp16.metric == SPECS[name].tolerance.metric
+    assert fp16.value == pytest.approx(config.parity["onnx"] + fp16.delta)
+    folder = root / name / "1"
+    assert fp16.size_bytes == (folder / fp16.file).stat().st_size
+    assert fp16.size_bytes < (folder / MODEL_FILE).stat().st_size
+    session = ort.InferenceSession(str(folder / fp16.file), providers=["CPUExecutionProvider"])
+    io = [*session.get_inputs(), *session.get_outputs()]
+    assert [t.type for t in io] == [
+        ORT_TYPES[s.datatype] for s in (*config.inputs, *config.outputs)
+    ]
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -85,6 +107,27 @@ def test_samples_replay_through_the_served_graph(
         np.testing.assert_array_equal(samples[spec.name], got)
     if name == "lstm":
         assert inputs.shape[1:] == (52, 1)
+
+
+def test_fp16_variant_serves_through_the_override(
+    quick_repo: tuple[Path, list[dict]], tmp_path: Path
+) -> None:
+    """`variant: fp16` serves the FP16 graph: FP32 on the wire, its own answers."""
+    root, _ = quick_repo
+    overrides = json.dumps({"lstm": {"variant": "fp16"}})
+    series = np.load(root / "lstm" / "1" / SAMPLES_FILE)["inputs"][:8]
+    body = {"inputs": [{"name": "series", "shape": list(series.shape), "datatype": "FP32",
+                        "data": series.ravel().tolist()}]}  # fmt: skip
+    with run_server(root, tmp_path, env={"ONNXSERVE_MODEL_OVERRIDES": overrides}) as server:
+        meta = httpx.get(f"{server.url}/v2/models/lstm", timeout=10).json()
+        answer = httpx.post(f"{server.url}/v2/models/lstm/infer", json=body, timeout=30)
+    assert meta["parameters"]["model_file"] == "model.fp16.onnx"
+    assert answer.status_code == 200, answer.text
+    (out,) = answer.json()["outputs"]
+    assert out["datatype"] == "FP32"
+    session = ort.InferenceSession(str(root / "lstm" / "1" / "model.fp16.onnx"))
+    (want,) = session.run(None, {"series": series})
+    np.testing.assert_allclose(np.reshape(out["data"], want.shape), want, rtol=1e-6)
 
 
 def test_task_fields_are_filled(quick_repo: tuple[Path, list[dict]]) -> None:
@@ -134,7 +177,7 @@ def test_failed_build_leaves_no_half_version(
     monkeypatch.setattr(build, "check_parity", broken)
     with pytest.raises(ParityError):
         build_repository(tmp_path, models=["autoencoder"], quick=True)
-    assert not any((tmp_path / "autoencoder").iterdir())  # no version, no staging, no config
+    assert not (tmp_path / "autoencoder").exists()  # no version, no staging, no config
 
 
 def test_unknown_model_is_refused_before_building(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ import onnx
 import pytest
 import torch
 
+from export import variants as variants_module
+from export.fp16 import WRAPPER_NODES, to_fp16
 from export.onnx_export import ExportError, check_io, export_onnx
 from export.specs import PARITY_BATCHES, PARITY_WINDOWS, SPECS
 from export.variants import Tolerance, make_variants
@@ -125,17 +127,19 @@ def test_export_rejects_a_graph_that_breaks_the_declared_io(exported: dict) -> N
 def test_variants_within_tolerance_are_kept(exported: dict) -> None:
     trained, path = exported["cnn"]
     variants = make_variants(path, trained.evaluate, Tolerance("accuracy", 0.5))
-    assert [v.kind for v in variants] == ["optimized", "int8"]
+    assert [v.kind for v in variants] == ["optimized", "int8", "fp16"]
     assert all(v.accepted and (path.parent / v.file).is_file() for v in variants)
-    int8 = variants[1]
+    int8, fp16 = variants[1:]
     assert int8.size_bytes < path.stat().st_size / 2
+    assert fp16.size_bytes < path.stat().st_size * 0.6  # FP16 weights
     assert "within tolerance" in int8.reason and int8.metric == "accuracy"
 
 
-def test_variant_breaking_the_tolerance_is_refused(exported: dict) -> None:
+@pytest.mark.parametrize("kind", ["int8", "fp16"])
+def test_variant_breaking_the_tolerance_is_refused(exported: dict, kind: str) -> None:
     trained, path = exported["cnn"]
     # a tolerance no variant can meet: it would have to gain a whole point of accuracy
-    (variant,) = make_variants(path, trained.evaluate, Tolerance("accuracy", -1.0), kinds=["int8"])
+    (variant,) = make_variants(path, trained.evaluate, Tolerance("accuracy", -1.0), kinds=[kind])
     assert not variant.accepted
     assert (
         variant.reason.startswith("refused:")
@@ -150,3 +154,57 @@ def test_relative_tolerance_for_errors() -> None:
     assert rule.worsening(0.40, 0.41) == pytest.approx(0.025)
     assert rule.worsening(0.40, 0.43) > rule.max_worsening
     assert rule.describe() == "rmse may rise by at most 5%"
+
+
+def test_variant_that_cannot_be_built_is_recorded_as_refused(
+    exported: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trained, path = exported["autoencoder"]
+
+    def broken(source: Path, target: Path) -> None:
+        target.write_bytes(b"half a file")
+        raise RuntimeError("converter says no")
+
+    monkeypatch.setitem(variants_module.BUILDERS, "int8", broken)
+    (variant,) = make_variants(path, trained.evaluate, Tolerance("auroc", 0.5), kinds=["int8"])
+    assert not variant.accepted and "converter says no" in variant.reason
+    assert variant.reason.startswith("refused: could not build or run it")
+    assert not (path.parent / variant.file).exists()
+
+
+@pytest.mark.parametrize("name", ["cnn", "lstm", "autoencoder"])
+def test_fp16_keeps_io_and_the_wrapper_in_fp32(exported: dict, name: str, tmp_path: Path) -> None:
+    _, path = exported[name]
+    kept = to_fp16(path, tmp_path / "model.fp16.onnx", WRAPPER_NODES)
+    model = onnx.load(str(tmp_path / "model.fp16.onnx"))
+    source = onnx.load(str(path))
+    top_level = [
+        n.name for n in source.graph.node if n.name.startswith("/") and n.name.count("/") == 1
+    ]
+    assert kept == top_level
+    assert _types(model.graph.input) == _types(source.graph.input)
+    assert _types(model.graph.output) == _types(source.graph.output)
+    weights = [t for t in model.graph.initializer if np.prod(t.dims) > 16]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    # what the wrapper computes (softmax, differencing, de-standardisation, score) stays FP32
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    values = _types([*inferred.input, *inferred.value_info, *inferred.output])
+    outputs = [o for n in model.graph.node if n.name in kept and n.op_type != "Constant"
+               for o in n.output]  # fmt: skip
+    assert outputs and all(values[o] != onnx.TensorProto.FLOAT16 for o in outputs)
+    assert onnx.TensorProto.FLOAT in {values[o] for o in outputs}
+
+
+def _types(values: list) -> dict[str, int]:
+    return {v.name: v.type.tensor_type.elem_type for v in values}
+
+
+def test_fp16_lstm_keeps_ppm_levels_exact(exported: dict, tmp_path: Path) -> None:
+    """FP16 steps by 0.25 around 400 ppm: the converter's own casts at the graph's input and
+    output would round the levels before the differencing and the forecast after it."""
+    _, path = exported["lstm"]
+    to_fp16(path, tmp_path / "model.fp16.onnx", WRAPPER_NODES)
+    windows, _ = load_co2().test_windows(52)
+    fp32 = ort_predict(ort_session(path))(windows)["forecast"]
+    fp16 = ort_predict(ort_session(tmp_path / "model.fp16.onnx"))(windows)["forecast"]
+    assert np.abs(fp16 - fp32).max() < 0.02  # ppm

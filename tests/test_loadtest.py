@@ -1,5 +1,6 @@
-"""Load tests: the pure parts (payloads, answer checks, Locust files, /metrics deltas, capacity
-rule) as unit tests, and short real Locust runs through `onnxserve loadtest` against a real server.
+"""Load tests: the pure parts (payloads, random inputs, answer checks, Locust files, /metrics
+deltas, capacity rule) as unit tests, and short real Locust runs through `onnxserve loadtest`
+against a real server: our models with their samples, and models without a task or samples.
 
 Locust monkey-patches at import, so it only ever runs in a subprocess here.
 """
@@ -18,23 +19,35 @@ import pytest
 
 from loadtests import capacity, report
 from loadtests.payloads import (
+    INT_HIGH,
     PROTOCOLS,
+    RANDOM_ROWS,
+    STRING_LENGTHS,
+    V1,
+    V2_BINARY,
+    V2_JSON,
     ModelTraffic,
-    load_samples,
     parse_mix,
     parse_server_timing,
+    parse_shapes,
+    random_inputs,
+    samples_path,
+    traffic_for,
+    unknown_shapes,
 )
 from loadtests.prom import batch_histogram, metric_delta, parse_metrics, server_view
 from loadtests.runner import LoadSpec, LocustRun, warnings_for
 from loadtests.timing import TimingLog
-from tests.conftest import MODELS, ROOT
+from service.codec import decode_request as decode_v2
+from service.model_config import CONFIG_FILE
+from tests.conftest import FOREIGN, MODELS, ROOT, samples
 
 e2e, unit = pytest.mark.e2e, pytest.mark.unit
 
 
 def metadata(repository: Path, model: str) -> dict:
     """What `GET /v2/models/{m}` says, rebuilt from the repository's config (for unit tests)."""
-    config = orjson.loads((repository / model / "config.json").read_bytes())
+    config = orjson.loads((repository / model / CONFIG_FILE).read_bytes())
     return {
         "name": model,
         "inputs": config["inputs"],
@@ -78,17 +91,21 @@ def test_server_timing_header_is_parsed():
 def test_mix_weights_are_parsed_and_checked():
     assert parse_mix("cnn:6, autoencoder:3,lstm:0", MODELS) == {"cnn": 6.0, "autoencoder": 3.0}
     assert parse_mix("lstm", MODELS) == {"lstm": 1.0}
+    assert parse_mix("mymodel:2,cnn") == {"mymodel": 2.0, "cnn": 1.0}  # any model of the server
     for bad, message in (("resnet:1", "unknown model"), ("cnn:x", "not a number"),
                          ("cnn:0", "positive"), ("", "positive")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             parse_mix(bad, MODELS)
+    with pytest.raises(ValueError, match="unknown model"):
+        parse_mix("no/such:1")
 
 
 @unit
 @pytest.mark.parametrize("model", MODELS)
 def test_payloads_carry_held_out_rows_in_every_protocol(repository, model):
-    samples = load_samples(repository, model)
-    traffic = ModelTraffic(metadata(repository, model), samples)
+    traffic = traffic_for(metadata(repository, model), repository)  # auto: the samples
+    assert traffic.source == f"samples: {samples_path(repository, model)}"
+    samples = traffic.samples[traffic.input["name"]]
     rng = np.random.default_rng(0)
     for protocol in PROTOCOLS:
         pool = traffic.pool(protocol, 3, rng, size=4)
@@ -101,16 +118,137 @@ def test_payloads_carry_held_out_rows_in_every_protocol(repository, model):
         paths = {p.path for p in pool}
         assert paths == {f"/v1/models/{model}:predict" if protocol == "v1" else
                          f"/v2/models/{model}/infer"}  # fmt: skip
-    assert traffic.pool("v2-json", 3, rng) is traffic.pool("v2-json", 3, rng)  # cached
+    assert traffic.pool(V2_JSON, 3, rng) is traffic.pool(V2_JSON, 3, rng)  # cached
 
 
 @unit
-def test_samples_that_do_not_fit_the_metadata_are_refused(repository):
+def test_samples_that_do_not_fit_the_metadata_are_refused(repository, tmp_path):
     meta = metadata(repository, "cnn")
     with pytest.raises(ValueError, match="is the repository the one it serves"):
-        ModelTraffic(meta, load_samples(repository, "lstm"))
+        ModelTraffic(meta, samples(repository, "lstm"))
     with pytest.raises(FileNotFoundError, match="onnxserve build"):
-        load_samples(repository / "nowhere", "cnn")
+        samples_path(repository / "nowhere", "cnn")
+    with pytest.raises(FileNotFoundError, match="--inputs random"):
+        traffic_for(meta, tmp_path, "samples")
+    assert traffic_for(meta, tmp_path).source.startswith("random")  # auto, without samples
+    assert traffic_for(meta, repository, "random").source.startswith("random")
+
+
+# -- random inputs for models that ship no samples ---------------------------------------------
+FOREIGN_META = {
+    "name": "mine",
+    "inputs": [
+        {"name": "series", "datatype": "FP32", "shape": [-1, -1, 3]},
+        {"name": "ids", "datatype": "INT64", "shape": [-1, 4]},
+        {"name": "mask", "datatype": "BOOL", "shape": [-1, 2]},
+        {"name": "words", "datatype": "BYTES", "shape": [-1, 2]},
+        {"name": "half", "datatype": "FP16", "shape": [-1]},
+    ],
+    "outputs": [
+        {"name": "total", "datatype": "FP32", "shape": [-1]},
+        {"name": "doubled", "datatype": "FP32", "shape": [-1, -1, 3]},
+        {"name": "tag", "datatype": "BYTES", "shape": [-1, 1]},
+    ],
+    "parameters": {"batching": {"max_batch_size": 8}},
+}
+
+
+@unit
+def test_shapes_are_parsed_like_perf_analyzers():
+    assert parse_shapes("series:52,3") == {"series": [52, 3]}
+    assert parse_shapes("a:1,2; b:3") == parse_shapes(["a:1,2", "b:3"]) == {"a": [1, 2], "b": [3]}
+    assert parse_shapes("") == parse_shapes(None) == parse_shapes([]) == {}
+    for bad in ("series", "series:", "series:x", "series:0,3", ":3"):
+        with pytest.raises(ValueError, match="NAME:D1,D2"):
+            parse_shapes(bad)
+
+
+@unit
+def test_random_inputs_take_each_inputs_datatype_and_shape():
+    with pytest.raises(ValueError, match=r"dynamic axes \[-1, -1, 3\]: .*--shape series:52,3"):
+        random_inputs(FOREIGN_META)
+    with pytest.raises(ValueError, match="does not fit its shape"):
+        random_inputs(FOREIGN_META, {"series": [5, 4]})
+    with pytest.raises(ValueError, match="names no input 'seriez' \\(inputs: half, ids, "):
+        unknown_shapes({"seriez": [5, 3]}, [FOREIGN_META])
+    unknown_shapes({"series": [5, 3]}, [FOREIGN_META, {"name": "other", "inputs": []}])
+    x = random_inputs(FOREIGN_META, {"series": [5, 3]}, seed=0)
+    assert {k: (v.shape, v.dtype.kind) for k, v in x.items()} == {
+        "series": ((RANDOM_ROWS, 5, 3), "f"),
+        "ids": ((RANDOM_ROWS, 4), "i"),
+        "mask": ((RANDOM_ROWS, 2), "b"),
+        "words": ((RANDOM_ROWS, 2), "O"),
+        "half": ((RANDOM_ROWS,), "f"),
+    }
+    assert x["series"].dtype == np.float32 and x["half"].dtype == np.float16
+    assert x["ids"].dtype == np.int64 and 0 <= x["ids"].min() and x["ids"].max() < INT_HIGH
+    assert 0 <= x["series"].min() and x["series"].max() < 1 and x["mask"].any()
+    lengths = {len(w) for w in x["words"].ravel()}
+    assert all(isinstance(w, str) for w in x["words"].ravel())
+    assert min(lengths) >= STRING_LENGTHS[0] and max(lengths) <= STRING_LENGTHS[1]
+
+
+@unit
+def test_random_requests_decode_as_the_server_reads_them(tmp_path):
+    traffic = traffic_for(FOREIGN_META, tmp_path, "auto", {"series": [5, 3]})
+    assert traffic.source.startswith("random") and traffic.protocols == PROTOCOLS
+    rng = np.random.default_rng(3)
+    for protocol in (V2_JSON, V2_BINARY):
+        payload = traffic.pool(protocol, 2, rng, size=2)[0]
+        inputs = decode_v2(payload.body, payload.headers.get("Inference-Header-Content-Length"))
+        got = {k: (list(v.shape), v.dtype.kind) for k, v in inputs.inputs.items()}
+        assert got == {"series": ([2, 5, 3], "f"), "ids": ([2, 4], "i"), "mask": ([2, 2], "b"),
+                       "words": ([2, 2], "O"), "half": ([2], "f")}  # fmt: skip
+        bank = traffic.samples["words"]
+        assert all(any(np.array_equal(row, b) for b in bank) for row in inputs.inputs["words"])
+    instances = orjson.loads(traffic.pool(V1, 3, rng, size=1)[0].body)["instances"]
+    assert len(instances) == 3 and set(instances[0]) == {"series", "ids", "mask", "words", "half"}
+    assert np.asarray(instances[0]["series"]).shape == (5, 3)
+    assert all(isinstance(w, str) for w in instances[0]["words"])
+
+
+@unit
+def test_a_model_without_a_batch_axis_gets_whole_tensors(tmp_path):
+    meta = {
+        "name": "fixed",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [2, 3]}],
+        "parameters": {"batching": {"max_batch_size": 0}},
+    }
+    traffic = traffic_for(meta, tmp_path)
+    assert traffic.protocols == (V2_JSON, V2_BINARY)
+    payload = traffic.pool(V2_BINARY, 1, np.random.default_rng(0), size=1)[0]
+    assert payload.rows == 1
+    x = decode_v2(payload.body, payload.headers["Inference-Header-Content-Length"]).inputs["x"]
+    assert x.shape == (2, 3)
+    with pytest.raises(ValueError, match="v1 `instances` need one"):
+        traffic.can_send(V1, 1)
+    with pytest.raises(ValueError, match="one row per request"):
+        traffic.pool(V2_JSON, 2, np.random.default_rng(0))
+    traffic.can_send("mixed", 1)
+    good = orjson.dumps({"outputs": [{"name": "y", "datatype": "FP32", "shape": [2, 3],
+                                      "data": [0.0] * 6}]})  # fmt: skip
+    assert traffic.check(V2_JSON, 1, 200, good) is None
+    batched = good.replace(b"[2,3]", b"[1,2,3]")
+    assert "expected [2, 3]" in traffic.check(V2_JSON, 1, 200, batched)
+
+
+@unit
+def test_v1_answers_of_a_model_without_a_task_carry_every_output(tmp_path):
+    traffic = traffic_for(FOREIGN_META, tmp_path, "random", {"series": [5, 3]})
+    row = {"total": 1.0, "doubled": [[0.0] * 3] * 5, "tag": ["a"]}
+    assert traffic.check(V1, 2, 200, orjson.dumps({"predictions": [row, row]})) is None
+    partial = orjson.dumps({"predictions": [{"total": 1.0}]})
+    assert "lacks ['doubled', 'tag', 'total']" in traffic.check(V1, 1, 200, partial)
+    tensor = {"name": "tag", "datatype": "BYTES", "shape": [2, 1]}
+    outputs = [
+        {"name": "total", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0]},
+        {"name": "doubled", "datatype": "FP32", "shape": [2, 5, 3], "data": [0.0] * 30},
+        {**tensor, "parameters": {"binary_data_size": 11}},
+    ]
+    head = orjson.dumps({"outputs": outputs})
+    blob = b"\x01\0\0\0a" + b"\x02\0\0\0bc"  # BYTES: 4-byte length, then the bytes
+    assert traffic.check(V2_BINARY, 2, 200, head + blob, str(len(head))) is None
 
 
 def v2_answer(meta: dict, rows: int, binary: bool, rng) -> tuple[bytes, str | None]:
@@ -134,35 +272,35 @@ def v2_answer(meta: dict, rows: int, binary: bool, rng) -> tuple[bytes, str | No
 @unit
 def test_answer_check_accepts_right_answers_and_names_what_is_wrong(repository):
     meta = metadata(repository, "cnn")
-    traffic = ModelTraffic(meta, load_samples(repository, "cnn"))
+    traffic = ModelTraffic(meta, samples(repository, "cnn"))
     rng = np.random.default_rng(1)
-    for binary, protocol in ((False, "v2-json"), (True, "v2-binary")):
+    for binary, protocol in ((False, V2_JSON), (True, V2_BINARY)):
         body, n = v2_answer(meta, 4, binary, rng)
         assert traffic.check(protocol, 4, 200, body, n) is None
         assert "expected [-1, 10] with 3 rows" in traffic.check(protocol, 3, 200, body, n)
     body, n = v2_answer(meta, 2, True, rng)
-    assert "bytes of binary data" in traffic.check("v2-binary", 2, 200, body + b"\0", n)
+    assert "bytes of binary data" in traffic.check(V2_BINARY, 2, 200, body + b"\0", n)
     short = orjson.dumps(
         {"outputs": orjson.loads(v2_answer(meta, 2, False, rng)[0])["outputs"][:1]}
     )
-    assert "metadata lists" in traffic.check("v2-json", 2, 200, short)
-    assert traffic.check("v2-json", 1, 503, b'{"error": "queue full"}') == (
+    assert "metadata lists" in traffic.check(V2_JSON, 2, 200, short)
+    assert traffic.check(V2_JSON, 1, 503, b'{"error": "queue full"}') == (
         'HTTP 503: {"error": "queue full"}'
     )
-    assert "malformed answer" in traffic.check("v2-json", 1, 200, b"not json")
+    assert "malformed answer" in traffic.check(V2_JSON, 1, 200, b"not json")
     good_v1 = orjson.dumps(
         {"predictions": [{"label": "7", "class_index": 7, "probabilities": [0.1] * 10}] * 2}
     )
-    assert traffic.check("v1", 2, 200, good_v1) is None
-    assert "expected 3 predictions" in traffic.check("v1", 3, 200, good_v1)
-    assert "lacks" in traffic.check("v1", 1, 200, b'{"predictions": [{"score": 1.0}]}')
+    assert traffic.check(V1, 2, 200, good_v1) is None
+    assert "expected 3 predictions" in traffic.check(V1, 3, 200, good_v1)
+    assert "lacks" in traffic.check(V1, 1, 200, b'{"predictions": [{"score": 1.0}]}')
 
 
 @unit
 def test_timing_log_keeps_a_bounded_uniform_sample():
     log = TimingLog(capacity=100, seed=0)
     for i in range(1000):
-        log.add((float(i), "cnn v2-json", 1, 1.0, 0.1, 0.2, 0.5))
+        log.add((float(i), f"cnn {V2_JSON}", 1, 1.0, 0.1, 0.2, 0.5))
     assert len(log.rows) == 100 and log.seen == 1000
     kept = sorted(r[0] for r in log.rows)
     assert kept[-1] > 500  # later rows replace earlier ones, not just the first 100 kept
@@ -357,7 +495,7 @@ def test_capacity_search_stops_at_the_first_broken_step(tmp_path, monkeypatch):
 @pytest.mark.parametrize("model", MODELS)
 def test_checks_pass_on_the_servers_real_answers(server, repository, model):
     meta = httpx.get(f"{server.url}/v2/models/{model}").json()
-    traffic = ModelTraffic(meta, load_samples(repository, model))
+    traffic = ModelTraffic(meta, samples(repository, model))
     rng = np.random.default_rng(2)
     for protocol in PROTOCOLS:
         payload = traffic.pool(protocol, 2, rng, size=1)[0]
@@ -408,12 +546,12 @@ def test_step_load_with_locust_workers_reports_each_step(server, repository, tmp
     out = tmp_path / "steps"
     done = run_cli(
         "--url", server.url, "--repository", str(repository), "--model", "lstm",
-        "--protocol", "v2-binary", "--rows", "2", "--step-users", "1,3", "--step-duration", "2",
+        "--protocol", V2_BINARY, "--rows", "2", "--step-users", "1,3", "--step-duration", "2",
         "--processes", "2", "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["endpoints"]) == ["lstm v2-binary"]
+    assert list(summary["endpoints"]) == [f"lstm {V2_BINARY}"]
     assert [s["users"] for s in summary["steps"]] == [1, 3]
     assert all(s["requests"] > 0 and s["failures"] == 0 for s in summary["steps"])
     # Timings came from the worker processes to the master: one row per request.
@@ -427,7 +565,7 @@ def test_capacity_search_writes_the_step_table(server, repository, tmp_path):
     out = tmp_path / "capacity"
     done = run_cli(
         "--url", server.url, "--repository", str(repository), "--model", "cnn",
-        "--protocol", "v2-json", "--find-capacity", "--step-users", "1,2", "--step-duration", "2",
+        "--protocol", V2_JSON, "--find-capacity", "--step-users", "1,2", "--step-duration", "2",
         "--slo-p99-ms", "10000", "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -444,6 +582,42 @@ def test_capacity_search_writes_the_step_table(server, repository, tmp_path):
 
 @e2e
 def test_a_missing_repository_is_a_clear_error(server, tmp_path):
-    done = run_cli("--url", server.url, "--repository", str(tmp_path / "none"), "--duration", "1")
+    done = run_cli("--url", server.url, "--repository", str(tmp_path / "none"), "--duration", "1",
+                   "--inputs", "samples")  # fmt: skip
     assert done.returncode == 2
     assert "onnxserve build" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- models without a task, config.json or samples ----------------------------------------------
+@e2e
+def test_models_without_a_task_are_load_tested_with_random_inputs(
+    foreign_server, foreign_repository, tmp_path
+):
+    out = tmp_path / "foreign"
+    done = run_cli(
+        "--url", foreign_server.url, "--repository", str(foreign_repository), "--model", "mixed",
+        "--mix", ",".join(FOREIGN), "--protocol", "mixed", "--rows", "1", "--shape", "series:6,3",
+        "--users", "3", "--duration", "3s", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    for model in FOREIGN:
+        assert f"{model} inputs: random (from the metadata)" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    total = summary["total"]
+    assert total["requests"] > 0 and total["failures"] == 0, summary["errors"]
+    endpoints = set(summary["endpoints"])
+    assert {name.split()[0] for name in endpoints} == set(FOREIGN)
+    assert f"fixed {V1}" not in endpoints  # no batch axis: v1 is never sent to it
+    assert summary["server"]["requests_succeeded"] >= total["requests"]
+
+
+@e2e
+def test_random_inputs_need_the_sizes_of_dynamic_axes(foreign_server, foreign_repository):
+    common = ("--url", foreign_server.url, "--repository", str(foreign_repository))
+    done = run_cli(*common, "--model", "tensors", "--duration", "1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "give their sizes, e.g. --shape series:52,3 (without the batch axis)" in done.stderr
+    done = run_cli(*common, "--model", "fixed", "--protocol", V1, "--duration", "1")
+    assert done.returncode == 2 and "v1 `instances` need one" in done.stderr
+    done = run_cli(*common, "--model", "nosuch", "--duration", "1")
+    assert done.returncode == 2 and "404" in done.stderr

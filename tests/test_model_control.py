@@ -68,10 +68,11 @@ def test_poll_mode_swaps_versions_under_load_with_zero_failures(repository, tmp_
     shutil.copytree(latest_version_dir(repository / "cnn"), repo / "cnn" / "1")
     shutil.copy(repository / "cnn" / "config.json", repo / "cnn" / "config.json")
     graph = (repo / "cnn" / "1" / "model.onnx").read_bytes()
-    flags = ("--model-control-mode", "poll", "--repository-poll-secs", str(POLL_S))
+    flags = ("--model-control-mode", "poll", "--repository-poll-secs", str(POLL_S),
+             "--unsafe-anonymous-admin")  # fmt: skip
     with run_server(repo, tmp_path, *flags) as srv:
         url = srv.url
-        refused = httpx.post(f"{url}/v2/repository/models/cnn/unload")
+        refused = httpx.post(f"{url}/v2/repository/models/cnn/unload", json={})
         assert refused.status_code == 403 and "poll" in refused.json()["error"]
         traffic = Traffic(url, _body(repository))
         traffic.start()
@@ -135,12 +136,14 @@ def test_poll_mode_swaps_versions_under_load_with_zero_failures(repository, tmp_
 
 
 def test_explicit_mode_loads_only_what_it_is_told(repository, tmp_path):
-    flags = ("--model-control-mode", "explicit", "--load-model", "cnn")
+    flags = ("--model-control-mode", "explicit", "--load-model", "cnn", "--unsafe-anonymous-admin")
     with run_server(repository, tmp_path, *flags) as srv:
         index = _index(srv.url)
-        assert index[("cnn", "1")]["state"] == "READY"
-        assert index[("lstm", "1")]["state"] == "UNLOADED"
+        cnn = latest_version_dir(repository / "cnn").name
+        lstm = latest_version_dir(repository / "lstm").name
+        assert index[("cnn", cnn)]["state"] == "READY"
+        assert index[("lstm", lstm)]["state"] == "UNLOADED"
         assert httpx.get(f"{srv.url}/v2/models/lstm/ready").status_code == 503
-        loaded = httpx.post(f"{srv.url}/v2/repository/models/lstm/load", timeout=60)
+        loaded = httpx.post(f"{srv.url}/v2/repository/models/lstm/load", json={}, timeout=60)
         assert loaded.status_code == 200 and loaded.json()["state"] == "READY"
         assert httpx.get(f"{srv.url}/v2/models/lstm/ready").status_code == 200

@@ -1,5 +1,6 @@
 """Batch scoring (`onnxserve score`): formats, bad rows, early failures, exact resume after
-SIGKILL, and remote scoring through a real server. Inputs are real held-out samples, tiled."""
+SIGKILL, and remote scoring through a real server. Inputs are real held-out samples, tiled; models
+without a task (ONNX files alone) get random inputs of their shapes."""
 
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from service.model_config import load_config
+from service.model_config import CONFIG_FILE, MODEL_FILE, load_config
+from service.scoring import ScoringError
 from service.scoring.cli import main
 from service.scoring.engine import BadInput, score_chunk
 from service.scoring.plan import ModelInput
-from service.scoring.readers import make_chunk
+from service.scoring.readers import make_chunk, npz_arrays
 from service.scoring.remote import remote_infer
-from service.scoring.writer import ERRORS, MANIFEST, result_table
+from service.scoring.writer import ERRORS, MANIFEST, SHAPES, result_table
 from tests.conftest import ROOT, latest_version, samples
 
 
@@ -56,8 +58,8 @@ def read_output(folder: Path) -> pa.Table:
 
 def reference(repository: Path, model: str, rows: np.ndarray, index=None) -> pa.Table:
     """What the task columns must be: plain ONNX Runtime, then `postprocess.predictions`."""
-    config = load_config(repository / model / "config.json")
-    session = ort.InferenceSession(str(latest_version(repository, model) / "model.onnx"))
+    config = load_config(repository / model / CONFIG_FILE)
+    session = ort.InferenceSession(str(latest_version(repository, model) / MODEL_FILE))
     shape = ModelInput.of(config).fit(rows.shape[1], model).shape
     spec = config.inputs[0].name
     outs = session.run(None, {spec: rows.reshape(len(rows), *shape).astype(np.float32)})
@@ -72,7 +74,8 @@ def assert_same_answers(got: pa.Table, want: pa.Table) -> None:
     assert got.schema.equals(want.schema)
     for name in got.column_names:
         a, b = got.column(name), want.column(name)
-        if pa.types.is_floating(a.type) or pa.types.is_fixed_size_list(a.type):
+        element = a.type.value_type if pa.types.is_fixed_size_list(a.type) else a.type
+        if pa.types.is_floating(element):
             a = np.asarray(a.to_pylist(), np.float64)
             np.testing.assert_allclose(a, np.asarray(b.to_pylist()), rtol=1e-5, atol=1e-6)
         else:
@@ -319,3 +322,129 @@ async def test_remote_retries_503_after_retry_after_then_gives_the_outputs(monke
     head = json.loads(sent.content[:n])
     assert head["inputs"][0]["parameters"]["binary_data_size"] == 24
     assert head["outputs"] == [{"name": "y", "parameters": {"binary_data": True}}]
+
+
+# -- models without a task (no config.json) ----------------------------------------------------
+def foreign_reference(repository: Path, model: str, inputs: dict[str, np.ndarray]) -> dict:
+    """Plain ONNX Runtime on the model file: every output."""
+    session = ort.InferenceSession(str(latest_version(repository, model) / MODEL_FILE))
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, inputs), strict=True))
+
+
+def column_array(table: pa.Table, name: str, shape: list[int]) -> np.ndarray:
+    """A flattened column back as rows of `shape`."""
+    return np.asarray(table.column(name).to_pylist()).reshape(table.num_rows, *shape)
+
+
+@pytest.mark.integration
+def test_a_model_without_a_task_writes_one_column_per_output(foreign_repository, tmp_path):
+    x = np.random.default_rng(0).random((300, 6, 3), dtype=np.float32)
+    np.save(tmp_path / "in.npy", x)
+    out = tmp_path / "out"
+    assert score(foreign_repository, "tensors", tmp_path / "in.npy", out, "--chunk-rows", 128) == 0
+    got = read_output(out)
+    assert got.column_names == ["row", "total", "mean", "doubled"]
+    assert got.schema.field("total").type == pa.float32()
+    assert got.schema.field("mean").type == pa.list_(pa.float32(), 3)
+    assert got.schema.field("doubled").type == pa.list_(pa.float32(), 18)
+    shapes = json.loads(pq.read_schema(out / "part-00000.parquet").metadata[SHAPES])
+    assert shapes == {"total": [], "mean": [3], "doubled": [6, 3]}
+    want = foreign_reference(foreign_repository, "tensors", {"series": x})
+    np.testing.assert_allclose(got.column("total").to_numpy(), want["total"], rtol=1e-5)
+    for name in ("mean", "doubled"):
+        np.testing.assert_allclose(column_array(got, name, shapes[name]), want[name], rtol=1e-5)
+
+    npy = tmp_path / "scores.npy"  # the structured array gives each field its row shape
+    assert score(foreign_repository, "tensors", tmp_path / "in.npy", npy) == 0
+    arrays = np.load(npy)
+    assert arrays["doubled"].shape == (300, 6, 3) and arrays["mean"].shape == (300, 3)
+    np.testing.assert_allclose(arrays["doubled"], want["doubled"], rtol=1e-5)
+
+
+@pytest.mark.integration
+def test_several_inputs_and_strings_come_from_an_npz(foreign_repository, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    x = rng.random((200, 2), dtype=np.float32)
+    x[7] = np.nan  # set aside like any missing value
+    tag = np.array([[f"id-{i}"] for i in range(200)])  # a NumPy str array: no pickling
+    np.savez(tmp_path / "in.npz", x=x, tag=tag, unused=np.zeros(200))
+    out = tmp_path / "out"
+    assert score(foreign_repository, "tagged", tmp_path / "in.npz", out, "--chunk-rows", 64) == 0
+    got = read_output(out)
+    assert got.column_names == ["row", "y", "tag_copy"]
+    assert got.schema.field("tag_copy").type == pa.list_(pa.string(), 1)
+    good = [i for i in range(200) if i != 7]
+    assert got.column("row").to_pylist() == good
+    assert got.column("tag_copy").to_pylist() == [[f"id-{i}"] for i in good]
+    np.testing.assert_allclose(column_array(got, "y", [2]), 2 * x[good])
+    assert (out / ERRORS).read_text().splitlines()[1].startswith('7,"missing')
+
+    np.savez_compressed(tmp_path / "small.npz", x=x[:5], tag=tag[:5])  # read whole, same rows
+    npy = tmp_path / "small.npy"
+    assert score(foreign_repository, "tagged", tmp_path / "small.npz", npy) == 0
+    arrays = np.load(npy)
+    assert arrays.dtype["tag_copy"] == np.dtype(("U4", (1,)))
+    assert arrays["tag_copy"][:, 0].tolist() == [f"id-{i}" for i in range(5)]
+
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "no-tag.npz", x=x)
+    np.savez(tmp_path / "wide.npz", x=np.zeros((3, 3), np.float32), tag=tag[:3])
+    cases = {
+        "x.npy": "takes 2 inputs (x, tag); give an .npz input with one array per input name",
+        "no-tag.npz": "has no array 'tag' for model 'tagged'",
+        "wide.npz": "array 'x' has a row of shape [3]; model 'tagged' input 'x' is [-1, 2]",
+    }
+    for name, message in cases.items():
+        assert score(foreign_repository, "tagged", tmp_path / name, tmp_path / "never") == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_model_without_a_batch_axis_scores_one_whole_tensor_per_row(foreign_repository, tmp_path):
+    x = np.random.default_rng(2).normal(size=(40, 6)).astype(np.float32)  # each row: [2, 3]
+    pq.write_table(pa.table({f"f{i}": x[:, i] for i in range(6)}), tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    assert score(foreign_repository, "fixed", tmp_path / "in.parquet", out) == 0
+    got = read_output(out)
+    assert json.loads(got.schema.metadata[SHAPES]) == {"y": [2, 3]}
+    np.testing.assert_allclose(column_array(got, "y", [2, 3]), np.maximum(x, 0).reshape(40, 2, 3))
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["scored"] == 40 and summary["errors"] == 0
+
+
+@pytest.mark.unit
+def test_npz_members_saved_plainly_are_memory_mapped(tmp_path):
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.savez(tmp_path / "plain.npz", x=x, words=np.array(["a", "bc", "d", "e"]))
+    np.savez_compressed(tmp_path / "packed.npz", x=x)
+    plain, packed = npz_arrays(tmp_path / "plain.npz"), npz_arrays(tmp_path / "packed.npz")
+    assert isinstance(plain["x"], np.memmap) and not isinstance(packed["x"], np.memmap)
+    np.testing.assert_array_equal(plain["x"], x)
+    np.testing.assert_array_equal(packed["x"], x)
+    assert plain["words"].tolist() == ["a", "bc", "d", "e"]
+    np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ScoringError, match="save strings as NumPy str arrays"):
+        npz_arrays(tmp_path / "objects.npz")
+
+
+@pytest.mark.e2e
+def test_remote_scoring_of_models_without_a_task_equals_in_process(
+    foreign_repository, foreign_server, tmp_path
+):
+    rng = np.random.default_rng(3)
+    series = rng.random((500, 4 * 3), dtype=np.float32)
+    list_parquet(tmp_path / "series.parquet", series)
+    tag = np.array([[f"t{i % 7}"] for i in range(300)])
+    np.savez(tmp_path / "tagged.npz", x=rng.random((300, 2), dtype=np.float32), tag=tag)
+    np.save(tmp_path / "grid.npy", rng.normal(size=(20, 2, 3)).astype(np.float32))
+    for model, name in (("tensors", "series.parquet"), ("tagged", "tagged.npz"),
+                        ("fixed", "grid.npy")):  # fmt: skip
+        local, remote = tmp_path / f"{model}-local", tmp_path / f"{model}-remote"
+        assert score(foreign_repository, model, tmp_path / name, local, "--chunk-rows", 128) == 0
+        code = score(foreign_repository, model, tmp_path / name, remote, "--chunk-rows", 128,
+                     "--url", foreign_server.url, "--batch-size", 16)  # fmt: skip
+        assert code == 0, model
+        got, want = read_output(remote), read_output(local)
+        assert_same_answers(got, want)
+        assert got.schema.metadata[SHAPES] == want.schema.metadata[SHAPES]

@@ -260,18 +260,18 @@ def test_model_control_is_refused_in_the_default_mode(server):
     for action in ("load", "unload"):
         resp = httpx.post(f"{server.url}/v2/repository/models/cnn/{action}")
         assert resp.status_code == 403, resp.text
-        assert "--model-control-mode explicit" in resp.json()["error"]
+        assert "--api-keys-file" in resp.json()["error"]
     assert httpx.post(f"{server.url}/v2/models/cnn/infer", json=_cnn_body()).status_code == 200
 
 
 def test_unloaded_model_is_503_until_loaded_again(repository, tmp_path):
-    explicit = ("--model-control-mode", "explicit", "--load-model", "*")
+    explicit = ("--model-control-mode", "explicit", "--load-model", "*", "--unsafe-anonymous-admin")
     with run_server(repository, tmp_path, *explicit) as srv:
         _unload_and_reload(srv.url)
 
 
 def _unload_and_reload(url: str) -> None:
-    assert httpx.post(f"{url}/v2/repository/models/autoencoder/unload").status_code == 200
+    assert httpx.post(f"{url}/v2/repository/models/autoencoder/unload", json={}).status_code == 200
     try:
         index = {e["name"]: e["state"] for e in httpx.post(f"{url}/v2/repository/index").json()}
         assert index["autoencoder"] == "UNLOADED" and index["cnn"] == "READY"
@@ -280,12 +280,12 @@ def _unload_and_reload(url: str) -> None:
         assert httpx.get(f"{url}/v2/models/autoencoder/ready").status_code == 503
         assert httpx.get(f"{url}/v2/health/ready").status_code == 200
     finally:
-        loaded = httpx.post(f"{url}/v2/repository/models/autoencoder/load", timeout=60)
+        loaded = httpx.post(f"{url}/v2/repository/models/autoencoder/load", json={}, timeout=60)
     assert loaded.status_code == 200 and loaded.json()["state"] == "READY"
     assert httpx.post(f"{url}/v2/models/autoencoder/infer", json=_cnn_body()).status_code == 200
-    assert httpx.post(f"{url}/v2/repository/models/nope/load").status_code == 404
+    assert httpx.post(f"{url}/v2/repository/models/nope/load", json={}).status_code == 404
     # reloading a loaded model swaps it in place; its gauges stay with the new one
-    reloaded = httpx.post(f"{url}/v2/repository/models/autoencoder/load", timeout=60)
+    reloaded = httpx.post(f"{url}/v2/repository/models/autoencoder/load", json={}, timeout=60)
     assert reloaded.status_code == 200 and httpx.get(f"{url}/v2/health/ready").status_code == 200
     text = httpx.get(f"{url}/metrics").text
     provider = {"provider": "CPUExecutionProvider"}
@@ -372,7 +372,7 @@ def test_a_client_that_hangs_up_is_never_computed(repository, tmp_path):
             await asyncio.sleep(0.3)  # the long request now holds the only instance
             reader, writer = await asyncio.open_connection(host, int(port))
             writer.write(
-                b"POST /v2/models/lstm/infer HTTP/1.1\r\nHost: t\r\nContent-Type: "
+                b"POST /v2/models/lstm/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                 b"application/json\r\nContent-Length: %d\r\n\r\n" % len(short_body) + short_body
             )
             await writer.drain()

@@ -2,7 +2,8 @@
 
 A plain FastAPI app with an async endpoint at the same v2 path, orjson in and out, one ONNX
 Runtime call per request and no batching, served by uvicorn (httptools, uvloop, one worker).
-It speaks v2 JSON only; `loadtests/bench/` measures onnxserve against it.
+It speaks v2 JSON only; `loadtests/bench/` measures onnxserve against it. It takes from onnxserve
+only the repository's layout (`service.model_config`: which folder is the latest version).
 
     python -m loadtests.baselines.fastapi_baseline --repository model_repository --port 8001
 """
@@ -18,17 +19,16 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Response
 
+from service.model_config import MODEL_FILE, latest_version_dir
+
 DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64}
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
 def latest_model(repository: Path, name: str) -> tuple[int, Path]:
     """The highest version of a model and its model.onnx."""
-    versions = [int(p.name) for p in (repository / name).iterdir() if p.name.isdigit()]
-    if not versions:
-        raise FileNotFoundError(f"no versions of model '{name}' under {repository}")
-    version = max(versions)
-    return version, repository / name / str(version) / "model.onnx"
+    folder = latest_version_dir(repository / name)
+    return int(folder.name), folder / MODEL_FILE
 
 
 def create_app(repository: Path, models: list[str], threads: int = 1) -> FastAPI:

@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtests.payloads import PROTOCOLS, V1, V2_BINARY, V2_JSON
+from loadtests.serverproc import serve_command
+
 MODELS = ("cnn", "lstm")
 CONNECTIONS = (1, 16, 64)
-PROTOCOLS = {"cnn": ("v2_json", "v2_binary", "v1"), "lstm": ("v2_json", "v2_binary")}
+MODEL_PROTOCOLS = {"cnn": (V2_JSON, V2_BINARY, V1), "lstm": (V2_JSON, V2_BINARY)}
 BIG_ROWS, BIG_CONNECTIONS = 32, (1, 16)  # the multi-row requests, against the batch-32 ceiling
 WRK_SATURATED_PCT = 90.0
 NOISY_PCT = 10.0  # other processes' share of the server's CPU above which a cell is marked noisy
@@ -21,14 +24,14 @@ class CellSpec:
 
     server: str  # "baseline" or "onnxserve"
     model: str
-    protocol: str  # "v2_json", "v2_binary" or "v1"
+    protocol: str  # one of loadtests.payloads.PROTOCOLS
     conns: int
     rows: int = 1
     batching: str = "n/a"  # "on" or "off" for onnxserve
 
     @property
     def label(self) -> str:
-        """A readable name, e.g. `onnxserve[batching on] cnn v2_json rows=1 conns=64`."""
+        """A readable name, e.g. `onnxserve[batching on] cnn v2-json rows=1 conns=64`."""
         server = (
             self.server if self.server == "baseline" else f"onnxserve[batching {self.batching}]"
         )
@@ -45,11 +48,11 @@ def plan() -> list[CellSpec]:
     cells = []
     for model in MODELS:
         for conns in CONNECTIONS:
-            cells.append(CellSpec("baseline", model, "v2_json", conns))
-            for protocol in PROTOCOLS[model]:
+            cells.append(CellSpec("baseline", model, V2_JSON, conns))
+            for protocol in MODEL_PROTOCOLS[model]:
                 for batching in ("on", "off"):
                     cells.append(CellSpec("onnxserve", model, protocol, conns, 1, batching))
-    cells += [CellSpec("onnxserve", "cnn", "v2_binary", c, BIG_ROWS, "on") for c in BIG_CONNECTIONS]
+    cells += [CellSpec("onnxserve", "cnn", V2_BINARY, c, BIG_ROWS, "on") for c in BIG_CONNECTIONS]
     return cells
 
 
@@ -58,7 +61,7 @@ def display_order(cell: dict[str, Any]) -> tuple:
     return (
         SERVERS.index((cell["server"], cell["batching"])),
         MODELS.index(cell["model"]),
-        ("v2_json", "v2_binary", "v1").index(cell["protocol"]),
+        PROTOCOLS.index(cell["protocol"]),
         cell["rows"],
         cell["conns"],
     )
@@ -66,9 +69,8 @@ def display_order(cell: dict[str, Any]) -> tuple:
 
 def server_command(server: str, batching: str, repository: Path, threads: int) -> list[str]:
     """The command that starts one server under test (the port is added on start)."""
-    common = ["--repository", str(repository), "--models", ",".join(MODELS)]
-    common += ["--threads", str(threads)]
+    common = ["--models", ",".join(MODELS), "--threads", str(threads)]
     if server == "baseline":
-        return [sys.executable, "-m", "loadtests.baselines.fastapi_baseline", *common]
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", *common]
-    return cmd + (["--no-batching"] if batching == "off" else [])
+        baseline = [sys.executable, "-m", "loadtests.baselines.fastapi_baseline"]
+        return [*baseline, "--repository", str(repository), *common]
+    return serve_command(repository, *common, *(["--no-batching"] if batching == "off" else []))

@@ -34,6 +34,7 @@ from loadtests.bench.models import load_model_info
 from loadtests.bench.render import fmt, render_markdown, write_reports
 from loadtests.bench.targets import attach_comparisons, evaluate_targets
 from loadtests.bench.wrk import ensure_wrk
+from service.model_config import CONFIG_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_wrk()
     repository = args.repository.resolve()
-    if not all((repository / m / "config.json").is_file() for m in MODELS):
+    if not all((repository / m / CONFIG_FILE).is_file() for m in MODELS):
         raise SystemExit(f"no model repository with {MODELS} at {repository}: run `make build`")
     server_cpus = parse_cpu_list(args.server_cpus)
     if set(server_cpus) & set(parse_cpu_list(args.wrk_cpus)):

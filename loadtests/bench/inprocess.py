@@ -19,7 +19,8 @@ import numpy as np
 from loadtests.bench.cells import BIG_ROWS
 from loadtests.bench.cpu import cpu_times, foreign_cpu_pct, parse_cpu_list
 from loadtests.bench.models import ModelInfo
-from loadtests.bench.payloads import DISTINCT_BODIES, Payload, make_payload, request_rows
+from loadtests.bench.payloads import DISTINCT_BODIES, request_rows
+from loadtests.payloads import V2_BINARY, V2_JSON, Payload, make_payload
 
 ROOT = Path(__file__).resolve().parents[2]
 CEILING_BATCHES = {"cnn": (1, 8, 32, 128), "lstm": (1, 8, 32, 64)}
@@ -94,7 +95,7 @@ def _floor(
     }
     per_s = _rate(whole, seconds)[0]
     return {
-        "protocol": "v2_binary" if binary else "v2_json",
+        "protocol": V2_BINARY if binary else V2_JSON,
         "rows": rows,
         "req_per_s": per_s,
         "samples_per_s": per_s * rows,
@@ -126,7 +127,7 @@ def inprocess_worker(spec_file: Path, out_file: Path) -> int:
             print(f"  ceiling {name} batch {batch}: {row['samples_per_s']:,.0f} samples/s")
         for protocol, rows in m["floors"]:
             arrays = request_rows(samples, rows, DISTINCT_BODIES)
-            payloads = [make_payload(name, protocol, m["input"], a) for a in arrays]
+            payloads = [make_payload(name, protocol, {m["input"]: a}) for a in arrays]
             row = _floor(runtime, name, str(m["version"]), payloads, rows, seconds)
             entry["floor"].append(row)
             print(f"  floor {name} {protocol} rows {rows}: {row['req_per_s']:,.0f} req/s")
@@ -141,9 +142,9 @@ def run_inprocess(
     """Run the in-process worker pinned to `cpus`; its JSON result."""
     spec = {"threads": threads, "seconds": seconds, "models": {}}
     for name, info in models.items():
-        floors = [("v2_json", 1), ("v2_binary", 1)]
+        floors = [(V2_JSON, 1), (V2_BINARY, 1)]
         if name == "cnn":
-            floors.append(("v2_binary", BIG_ROWS))
+            floors.append((V2_BINARY, BIG_ROWS))
         spec["models"][name] = {
             "path": str(info.path),
             "samples": str(info.samples_file),

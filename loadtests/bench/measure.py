@@ -17,14 +17,9 @@ from typing import Any
 from loadtests.bench.cells import NOISY_PCT, WRK_SATURATED_PCT, CellSpec
 from loadtests.bench.cpu import cpu_times, foreign_cpu_pct, parse_cpu_list, process_ticks
 from loadtests.bench.models import ModelInfo
-from loadtests.bench.payloads import (
-    DISTINCT_BODIES,
-    Payload,
-    make_payload,
-    manifest_text,
-    request_rows,
-)
+from loadtests.bench.payloads import DISTINCT_BODIES, manifest_text, request_rows
 from loadtests.bench.wrk import parse_wrk_output, run_wrk
+from loadtests.payloads import Payload, make_payload
 from loadtests.prom import mean_batch_size
 from loadtests.serverproc import free_port, serving
 
@@ -103,7 +98,7 @@ def write_manifest(spec: CellSpec, info: ModelInfo, workdir: Path) -> tuple[Path
     stem = f"{spec.model}-{spec.protocol}-r{spec.rows}"
     manifest = workdir / "payloads" / f"{stem}.tsv"
     arrays = request_rows(info.samples, spec.rows, DISTINCT_BODIES)
-    payloads = [make_payload(spec.model, spec.protocol, info.input, a) for a in arrays]
+    payloads = [make_payload(spec.model, spec.protocol, {info.input: a}) for a in arrays]
     if not manifest.exists():
         manifest.parent.mkdir(parents=True, exist_ok=True)
         entries = []

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from service.model_config import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    SAMPLES_FILE,
+    latest_version_dir,
+    load_config,
+)
 
 
 @dataclass
@@ -23,18 +30,18 @@ class ModelInfo:
 
 def load_model_info(repository: Path, name: str) -> ModelInfo:
     """The latest version of a model, its input name and its real held-out samples."""
-    config = json.loads((repository / name / "config.json").read_text())
-    versions = [int(p.name) for p in (repository / name).iterdir() if p.name.isdigit()]
-    if not versions:
-        raise SystemExit(f"model '{name}' has no version folder under {repository / name}")
-    folder = repository / name / str(max(versions))
-    with np.load(folder / "samples.npz") as data:
+    config = load_config(repository / name / CONFIG_FILE)
+    try:
+        folder = latest_version_dir(repository / name)
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from None
+    with np.load(folder / SAMPLES_FILE) as data:
         samples = data["inputs"].astype(np.float32)
     return ModelInfo(
         name,
-        max(versions),
-        folder / "model.onnx",
-        folder / "samples.npz",
-        config["inputs"][0]["name"],
+        int(folder.name),
+        folder / MODEL_FILE,
+        folder / SAMPLES_FILE,
+        config.inputs[0].name,
         samples,
     )

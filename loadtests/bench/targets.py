@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from loadtests.bench.cells import BIG_CONNECTIONS, BIG_ROWS, NOISY_PCT, WRK_SATURATED_PCT
+from loadtests.payloads import V2_BINARY, V2_JSON
 
 
 def find_cell(cells: list[dict[str, Any]], **fields: Any) -> dict[str, Any] | None:
@@ -53,7 +54,7 @@ def attach_comparisons(cells: list[dict[str, Any]], inprocess: dict[str, Any]) -
                 cells,
                 server="baseline",
                 model=cell["model"],
-                protocol="v2_json",
+                protocol=V2_JSON,
                 conns=cell["conns"],
             )
             cell["vs_baseline"] = {
@@ -122,24 +123,24 @@ def _target_inputs(
 ) -> tuple[float | None, list[dict[str, Any] | None]]:
     """The value of one target and the cells it compares (onnxserve batching on by default)."""
     on = {"server": "onnxserve", "batching": "on"}
-    base64 = find_cell(cells, server="baseline", model="cnn", protocol="v2_json", conns=64)
+    base64 = find_cell(cells, server="baseline", model="cnn", protocol=V2_JSON, conns=64)
     if target_id in ("cnn_64c_json_rps", "cnn_64c_json_p99"):
-        cell = find_cell(cells, model="cnn", protocol="v2_json", conns=64, **on)
+        cell = find_cell(cells, model="cnn", protocol=V2_JSON, conns=64, **on)
         if target_id.endswith("rps"):
             return ratio(rps_of(cell), rps_of(base64)), [cell, base64]
         return ratio(latency(cell, "p99"), latency(base64, "p99")), [cell, base64]
     if target_id == "cnn_1c_json_p50":
-        cell = find_cell(cells, model="cnn", protocol="v2_json", conns=1, **on)
-        base1 = find_cell(cells, server="baseline", model="cnn", protocol="v2_json", conns=1)
+        cell = find_cell(cells, model="cnn", protocol=V2_JSON, conns=1, **on)
+        base1 = find_cell(cells, server="baseline", model="cnn", protocol=V2_JSON, conns=1)
         return ratio(latency(cell, "p50"), latency(base1, "p50")), [cell, base1]
     if target_id == "cnn_64c_binary_rps":
-        cell = find_cell(cells, model="cnn", protocol="v2_binary", conns=64, **on)
+        cell = find_cell(cells, model="cnn", protocol=V2_BINARY, conns=64, **on)
         return ratio(rps_of(cell), rps_of(base64)), [cell, base64]
     if target_id == "cnn_32row_ceiling":
         cell = find_cell(
             cells,
             model="cnn",
-            protocol="v2_binary",
+            protocol=V2_BINARY,
             conns=BIG_CONNECTIONS[-1],
             rows=BIG_ROWS,
             **on,
@@ -147,7 +148,7 @@ def _target_inputs(
         samples = None if cell is None else cell.get("samples_per_s")
         return ratio(samples, ceiling(inprocess, "cnn", BIG_ROWS)), [cell]
     if target_id.startswith("lstm_64c_"):
-        protocol = "v2_json" if "_json_" in target_id else "v2_binary"
+        protocol = V2_JSON if "_json_" in target_id else V2_BINARY
         cell = find_cell(cells, model="lstm", protocol=protocol, conns=64, **on)
         off = find_cell(
             cells, server="onnxserve", model="lstm", protocol=protocol, conns=64, batching="off"

@@ -1,4 +1,4 @@
-"""Batch scoring: stream a file (.npy, .parquet, .csv) through a model in chunks, resumably.
+"""Batch scoring: stream a file (.npy, .parquet, .csv, .npz) through a model in chunks, resumably.
 
 One implementation serves the three ways to run it: `onnxserve score` in-process or against a
 server (`--url`), jobs inside the server (`/v1/jobs`), and Ray Data (`--engine ray`).

@@ -39,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
     """The `score` subcommand's arguments."""
     p = argparse.ArgumentParser(
         prog="onnxserve score",
-        description="Score a file (.npy, .parquet, .csv) through a model, in chunks, resumably. "
+        description="Score a file (.npy, .parquet, .csv; .npz for several or string inputs) "
+        "through a model, in chunks, resumably. "
         "OUTPUT is a folder of Parquet parts (or a structured .npy when it ends with .npy); "
         "re-running the same command resumes an interrupted job.",
         epilog=__doc__.split("\n\n", 1)[1],

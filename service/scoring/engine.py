@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.runtime import ModelRuntime, RuntimeOptions
-from service.scoring.plan import ModelInput, Plan
+from service.scoring.plan import ModelInput, ModelInputs, Plan
 from service.scoring.readers import Chunk
 from service.scoring.writer import ERRORS, Manifest, Summary, result_table
 
@@ -44,19 +44,27 @@ async def _to_thread_to_the_end(pool: Executor | None, fn: Callable[..., Any], *
         raise
 
 
+Feed = ModelInput | ModelInputs
+
+
+async def _run(feed: Feed, values: np.ndarray, infer: Infer) -> Arrays:
+    """Rows in, one row of outputs per row out."""
+    return feed.rows_of(await infer(feed.batch(values)))
+
+
 async def _score_rows(
-    model_input: ModelInput, rows: np.ndarray, values: np.ndarray, infer: Infer
+    model_input: Feed, rows: np.ndarray, values: np.ndarray, infer: Infer
 ) -> tuple[np.ndarray, Arrays | None, list[tuple[int, str]]]:
     """One batch; if the model refuses it, each row alone (refused rows become errors)."""
     try:
-        return rows, await infer(model_input.batch(values)), []
+        return rows, await _run(model_input, values, infer), []
     except BadInput as exc:
         if len(rows) == 1:
             return rows[:0], None, [(int(rows[0]), f"model refused the row: {exc}")]
     kept, outputs, errors = [], [], []
     for i, row in enumerate(rows):
         try:
-            outputs.append(await infer(model_input.batch(values[i : i + 1])))
+            outputs.append(await _run(model_input, values[i : i + 1], infer))
             kept.append(i)
         except BadInput as exc:
             errors.append((int(row), f"model refused the row: {exc}"))
@@ -67,7 +75,7 @@ async def _score_rows(
 
 
 async def score_chunk(
-    model_input: ModelInput, batch_size: int, chunk: Chunk, infer: Infer, concurrency: int = 1
+    model_input: Feed, batch_size: int, chunk: Chunk, infer: Infer, concurrency: int = 1
 ) -> tuple[np.ndarray, Arrays | None, list[tuple[int, str]]]:
     """A chunk's good rows in batches, `concurrency` in flight: (rows, outputs, refused rows)."""
     slots = asyncio.Semaphore(concurrency)

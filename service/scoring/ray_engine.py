@@ -123,6 +123,8 @@ def score(
     ray = _ray()
     if plan.output.npy:
         raise ScoringError("the Ray engine writes Parquet: give a folder as OUTPUT, not a .npy")
+    if not isinstance(plan.model_input, ModelInput):
+        raise ScoringError("the Ray engine reads .npy, .parquet and .csv: score an .npz locally")
     if plan.output.folder.exists():
         raise ScoringError(f"output {plan.output.folder} exists; the Ray engine needs a new one")
     started = time.perf_counter()

@@ -10,12 +10,18 @@ with a reason, keyed by their row index (0-based, header excluded), and the rest
   one); read page by page, see `arrow`.
 - `.csv`: one line per row; a first line with no number in it is a header. Lines are parsed a
   chunk at a time by pyarrow; a chunk holding a bad line is parsed line by line instead.
+- `.npz`: one array per model input, named after it (`inputs` also serves a one-input model, as
+  in samples.npz), rows on the first axis, any datatype (strings as NumPy `str` arrays). A chunk
+  is a structured array with one field per input. Members of `np.savez` (stored) are
+  memory-mapped; those of `np.savez_compressed` are read whole.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
+import struct
+import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +33,8 @@ import numpy as np
 from service.scoring import ScoringError
 from service.scoring.arrow import arrow_matrix, is_vector, pick_columns, rechunk, vector_width
 
-FORMATS = (".npy", ".parquet", ".csv")
+FORMATS = (".npy", ".parquet", ".csv", ".npz")
+NPZ = ".npz"
 MISSING = "missing or non-finite value (NaN, inf or empty)"
 
 
@@ -42,10 +49,23 @@ class Chunk:
     errors: list[tuple[int, str]] = field(default_factory=list)
 
 
+def _non_finite_rows(values: np.ndarray) -> np.ndarray:
+    """Indices of rows holding NaN or inf: in the matrix, or in any float field of a structured
+    array (rows of several inputs)."""
+    if values.dtype.names is None:
+        suspect = np.flatnonzero(~np.isfinite(values.sum(axis=1)))  # fast; may overflow: recheck
+        return suspect[~np.isfinite(values[suspect]).all(axis=1)]
+    bad = np.zeros(len(values), bool)
+    for name in values.dtype.names:
+        field_ = values[name]
+        if field_.dtype.kind in "fc":
+            bad |= ~np.isfinite(field_.reshape(len(values), -1)).all(axis=1)
+    return np.flatnonzero(bad)
+
+
 def make_chunk(start: int, matrix: np.ndarray, bad: dict[int, str]) -> Chunk:
     """Split a chunk's matrix (NaN where a value is missing) into good rows and (row, reason)."""
-    suspect = np.flatnonzero(~np.isfinite(matrix.sum(axis=1)))  # fast; may overflow: recheck
-    for i in suspect[~np.isfinite(matrix[suspect]).all(axis=1)]:
+    for i in _non_finite_rows(matrix):
         bad.setdefault(int(i), MISSING)
     rows = np.arange(start, start + len(matrix), dtype=np.int64)
     if not bad:
@@ -278,11 +298,96 @@ class CsvReader(Reader):
         return matrix.astype(self.dtype), bad
 
 
+# -- .npz ------------------------------------------------------------------------------------
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
+
+
+def _stored_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray:
+    """An uncompressed .npy member of a zip, memory-mapped in place."""
+    with path.open("rb") as f:
+        f.seek(info.header_offset)
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+        if signature != b"PK\x03\x04":
+            raise ValueError(f"member {info.filename} has no local header")
+        f.seek(info.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+            version, np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded")
+    if 0 in shape:
+        return np.empty(shape, dtype)
+    return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
+
+
+def npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz by name: stored members memory-mapped, compressed ones read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = [i for i in archive.infolist() if i.filename.endswith(".npy")]
+        arrays = {}
+        with np.load(path, allow_pickle=False) as data:
+            for info in infos:
+                name = info.filename.removesuffix(".npy")
+                if info.compress_type == zipfile.ZIP_STORED:
+                    arrays[name] = _stored_member(path, info)
+                else:
+                    arrays[name] = data[name]
+    except (zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
+        hint = " (save strings as NumPy str arrays, not objects)" if "Object" in str(exc) else ""
+        raise ScoringError(f"{path}: not a readable .npz file ({exc}){hint}") from None
+    if not arrays:
+        raise ScoringError(f"{path}: holds no arrays")
+    return arrays
+
+
+class NpzReader(Reader):
+    """One array per model input; a chunk is a structured array with a field per input."""
+
+    format = "npz"
+
+    def __init__(self, path: Path, dtype: np.dtype, columns: Sequence[str] | None = None) -> None:
+        super().__init__(path, dtype)
+        if columns:
+            raise ScoringError("--column applies to .parquet and .csv inputs, not .npz")
+        self.arrays = npz_arrays(path)
+        lengths = {name: len(a) if a.ndim else 0 for name, a in self.arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ScoringError(f"{path}: arrays differ in rows {lengths}; give as many each")
+        self.rows = next(iter(lengths.values()))
+        self.width = 0  # rows are structured, not a width of numbers
+        #: name -> (dtype, a row's shape) of every array
+        self.fields = {n: (a.dtype, tuple(a.shape[1:])) for n, a in self.arrays.items()}
+        self._picked: dict[str, str] = {}
+
+    def pick(self, inputs: dict[str, str]) -> None:
+        """Which array feeds each input (`{input: array name}`); the chunks hold these only."""
+        self._picked = dict(inputs)
+
+    @property
+    def columns(self) -> list[str] | None:
+        return sorted(self._picked.values()) or None
+
+    def matrices(self, start: int, chunk_rows: int) -> Iterator[tuple[np.ndarray, dict[int, str]]]:
+        picked = self._picked or {n: n for n in self.arrays}
+        dtype = np.dtype([(i, self.fields[a][0], self.fields[a][1]) for i, a in picked.items()])
+        for begin in range(start, self.rows, chunk_rows):
+            end = min(begin + chunk_rows, self.rows)
+            block = np.empty(end - begin, dtype)
+            for name, array in picked.items():
+                block[name] = self.arrays[array][begin:end]
+            yield block, {}
+
+
 READERS: dict[str, Callable[..., Reader]] = {
     ".npy": NpyReader,
     ".parquet": ParquetReader,
     ".pq": ParquetReader,
     ".csv": CsvReader,
+    NPZ: NpzReader,
 }
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from service.codec import decode_response, encode_request
-from service.model_config import ModelConfig
+from service.model_config import Batching, ModelConfig
 from service.scoring import ScoringError
 from service.scoring.engine import Arrays, BadInput, Infer, Progress, run
 from service.scoring.plan import prepare
@@ -31,19 +31,22 @@ class RemoteError(RuntimeError):
 
 
 def config_from_metadata(meta: dict[str, Any]) -> ModelConfig:
-    """The parts of a model's config that postprocessing needs, from its v2 metadata."""
+    """The parts of a model's config that scoring needs, from its v2 metadata: tensors, task
+    (none: a plain tensor model), whether it has a batch axis, and the task's constants."""
     params = meta.get("parameters") or {}
+    batching = params.get("batching") or {}
     try:
         return ModelConfig(
             name=meta["name"],
-            task=params["task"],
+            task=params.get("task"),
             inputs=meta["inputs"],
             outputs=meta["outputs"],
             labels=params.get("labels"),
             threshold=params.get("threshold"),
             normalization=params.get("normalization"),
+            batching=Batching(max_batch_size=batching.get("max_batch_size", 1)),
         )
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:
         raise ScoringError(
             f"the server's metadata for '{meta.get('name')}' is unusable: {exc}"
         ) from None

@@ -2,7 +2,8 @@
 
 Layout of an output folder (a Parquet dataset: readers skip names starting with `_`):
 
-    OUTPUT/part-00000.parquet ...  one per input chunk: `row` then the task's columns
+    OUTPUT/part-00000.parquet ...  one per input chunk: `row` then the task's columns (a
+                                   model without a task: one column per output)
     OUTPUT/_manifest.json          the job's fingerprint and how many chunks are committed
     OUTPUT/_errors.csv             `row,reason` for every row that could not be scored
     OUTPUT/_summary.json           rows, errors, seconds, rows/s (when the job is complete)
@@ -11,6 +12,11 @@ A chunk is committed by writing its part (temp file + rename), writing its error
 the manifest records, then replacing the manifest. Whatever a crash leaves past the last commit is
 redone identically on resume. With an OUTPUT ending in `.npy` the folder is `OUTPUT.parts/` and,
 once every chunk is in, the parts are assembled into one structured array at OUTPUT.
+
+A column holds a row's tensor flattened: a scalar per row stays a scalar column, anything larger
+becomes a fixed-size list (strings as strings). For a model without a task, each part's Parquet
+schema metadata records the row shape of every output under `onnxserve.shapes` (JSON, e.g.
+`{"y": [3, 4], "z": []}`), and the assembled .npy gives each field that shape.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from service.model_config import ModelConfig
 from service.scoring import ScoringError
 
 MANIFEST, ERRORS, SUMMARY, LOCK = "_manifest.json", "_errors.csv", "_summary.json", "_lock"
+ROW = "row"  # the input row index column
+SHAPES = b"onnxserve.shapes"  # schema metadata: each output's row shape (models without a task)
 ERRORS_HEADER = b"row,reason\n"
 TMP_PREFIX = "_tmp-"
 
@@ -40,30 +48,68 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+def _flat_column(values: np.ndarray) -> Any:
+    """Values as a flat Arrow array; strings (BYTES) as UTF-8 strings, or binary if not text."""
+    import pyarrow as pa
+
+    if values.dtype.kind not in "OUS":
+        return pa.array(values)
+    items = values.tolist()
+    if any(isinstance(v, bytes) for v in items):
+        try:
+            items = [v.decode() if isinstance(v, bytes) else v for v in items]
+        except UnicodeDecodeError:
+            return pa.array([v if isinstance(v, bytes) else str(v).encode() for v in items],
+                            pa.binary())  # fmt: skip
+    return pa.array([str(v) for v in items], pa.string())
+
+
+def _column(values: np.ndarray) -> Any:
+    """Per-row values as an Arrow column: a scalar per row stays a scalar, a row's tensor is
+    flattened into a fixed-size list."""
+    import pyarrow as pa
+
+    if values.ndim <= 1:
+        return _flat_column(values)
+    width = int(np.prod(values.shape[1:], dtype=np.int64))
+    flat = _flat_column(np.ascontiguousarray(values).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
 def result_table(
     config: ModelConfig, rows: np.ndarray, outputs: dict[str, np.ndarray] | None
 ) -> Any:
     """`row` and the task's columns (`postprocess.predictions`) as an Arrow table.
 
-    2-D columns (probabilities) become fixed-size lists. `outputs` None means no row was scored.
+    A row's tensor is flattened (probabilities: a fixed-size list); without a task, every output
+    is a column and the schema metadata records their row shapes (`SHAPES`). `outputs` None
+    means no row was scored.
     """
     import pyarrow as pa
 
     if outputs is None:
         outputs = {
-            s.name: np.zeros([0, *(1 if d == -1 else d for d in s.shape[1:])], NP_TYPES[s.datatype])
+            s.name: np.zeros(
+                [0, *(1 if d == -1 else d for d in (s.shape[1:] if config.batchable else s.shape))],
+                NP_TYPES[s.datatype],
+            )
             for s in config.outputs
         }
-    columns: dict[str, Any] = {"row": pa.array(rows, pa.int64())}
-    for name, values in postprocess.predictions(config, outputs).items():
-        if values.ndim == 2:
-            flat = pa.array(np.ascontiguousarray(values).reshape(-1))
-            columns[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
-        elif values.dtype == object:
-            columns[name] = pa.array(values, pa.string())
-        else:
-            columns[name] = pa.array(values)
-    return pa.table(columns)
+    columns: dict[str, Any] = {ROW: pa.array(rows, pa.int64())}
+    predictions = postprocess.predictions(config, outputs)
+    for name, values in predictions.items():
+        columns[name] = _column(values)
+    table = pa.table(columns)
+    if config.task is None:
+        shapes = {name: list(values.shape[1:]) for name, values in predictions.items()}
+        table = table.replace_schema_metadata({SHAPES: json.dumps(shapes)})
+    return table
+
+
+def row_shapes(schema: Any) -> dict[str, list[int]]:
+    """The row shapes a part's schema metadata records (empty for a model with a task)."""
+    raw = (schema.metadata or {}).get(SHAPES)
+    return json.loads(raw) if raw else {}
 
 
 @dataclass
@@ -255,23 +301,27 @@ class Output:
 
 
 def _structured_field(table: Any, name: str) -> tuple[str, Any, tuple[int, ...]]:
+    """A column's field: its dtype (strings as wide as the longest) and a row's shape."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    type_ = table.schema.field(name).type
+    type_, column, shape = table.schema.field(name).type, table.column(name), ()
     if pa.types.is_fixed_size_list(type_):
-        return name, type_.value_type.to_pandas_dtype(), (type_.list_size,)
+        shape = tuple(row_shapes(table.schema).get(name) or (type_.list_size,))
+        type_, column = type_.value_type, pc.list_flatten(column)
     if pa.types.is_string(type_):
-        longest = pc.max(pc.utf8_length(table.column(name))).as_py() or 1
-        return name, f"U{longest}", ()
-    return name, type_.to_pandas_dtype(), ()
+        return name, f"U{pc.max(pc.utf8_length(column)).as_py() or 1}", shape
+    if pa.types.is_binary(type_):
+        return name, f"S{pc.max(pc.binary_length(column)).as_py() or 1}", shape
+    return name, type_.to_pandas_dtype(), shape
 
 
 def assemble_npy(parts: list[Path], target: Path) -> None:
     """Parts into one structured array at `target` (one field per column), written atomically.
 
     Strings become fixed-width unicode fields (as wide as the longest), fixed-size lists become
-    sub-array fields (`probabilities` of shape (10,)). Memory stays at one part's worth.
+    sub-array fields (`probabilities` of shape (10,); an output of a model without a task gets
+    its recorded row shape, e.g. (3, 4)). Memory stays at one part's worth.
     """
     import pyarrow.parquet as pq
 
@@ -284,7 +334,7 @@ def assemble_npy(parts: list[Path], target: Path) -> None:
         fields = [_structured_field(table, n) for n in table.column_names]
         for name, kind, _ in fields:
             if isinstance(kind, str):
-                widths[name] = max(widths.get(name, "U1"), kind, key=lambda u: int(u[1:]))
+                widths[name] = max(widths.get(name, kind[0] + "1"), kind, key=lambda u: int(u[1:]))
     dtype = np.dtype([(n, widths.get(n, k), s) for n, k, s in fields])
     tmp = target.with_name(TMP_PREFIX + target.name)
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows,))
@@ -295,7 +345,8 @@ def assemble_npy(parts: list[Path], target: Path) -> None:
         for name, _, shape in fields:
             column = table.column(name).combine_chunks()
             if shape:
-                values = column.flatten().to_numpy().reshape(n, *shape)
+                flat = column.flatten().to_numpy(zero_copy_only=False)
+                values = flat.reshape(n, *shape)
             else:
                 values = column.to_numpy(zero_copy_only=False)
             out[name][offset : offset + n] = values

@@ -1,0 +1,112 @@
+"""Timeouts and shutdown against a real server: stalled uploads are cut off with a 408, and
+SIGTERM under load answers every request it has, never resets one, and exits 0 in time."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import run_server
+
+pytestmark = pytest.mark.e2e
+
+
+def _cnn_body() -> dict:
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    return {"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+
+
+def _raw(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_stalled_headers_and_bodies_get_a_408_and_the_connection_closes(repository, tmp_path):
+    flags = ("--header-timeout-s", "1", "--body-timeout-s", "1")
+    with run_server(repository, tmp_path, *flags) as srv:
+        body = _raw(srv.url)
+        body.sendall(
+            b"POST /v2/models/cnn/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n" + b"{" * 100
+        )
+        start = time.monotonic()
+        answer = _read_all(body)
+        assert answer.startswith(b"HTTP/1.1 408") and b"body" in answer
+        assert time.monotonic() - start < 5
+        headers = _raw(srv.url)
+        headers.sendall(b"POST /v2/models/cnn/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-")
+        answer = _read_all(headers)
+        assert answer.startswith(b"HTTP/1.1 408") and b"headers" in answer
+        assert httpx.get(f"{srv.url}/v2/health/live").status_code == 200
+
+
+class Client(threading.Thread):
+    """A keep-alive client sending requests back to back; it stops at the first connection
+    refused (the server closed its listener). A request that is reset or left unanswered after
+    it was sent counts as lost."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.statuses: Counter[int] = Counter()
+        self.lost: list[str] = []
+
+    def run(self) -> None:
+        body = _cnn_body()
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            for _ in range(100_000):
+                try:
+                    r = client.post("/v2/models/cnn/infer", json=body)
+                except httpx.ConnectError:
+                    return  # never sent: the listener is closed
+                except httpx.TransportError as exc:
+                    self.lost.append(repr(exc))
+                    return
+                self.statuses[r.status_code] += 1
+
+
+def test_sigterm_under_load_answers_everything_and_exits_0(repository, tmp_path):
+    with run_server(repository, tmp_path, "--graceful-timeout-s", "5") as srv:
+        clients = [Client(srv.url) for _ in range(16)]
+        for c in clients:
+            c.start()
+        time.sleep(1.5)
+        # a stalled upload must not hold the shutdown past the graceful timeout
+        stalled = _raw(srv.url)
+        stalled.sendall(
+            b"POST /v2/models/cnn/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{"
+        )
+        sent = time.monotonic()
+        srv.process.send_signal(signal.SIGTERM)
+        code = srv.process.wait(timeout=30)
+        took = time.monotonic() - sent
+        for c in clients:
+            c.join(timeout=30)
+    answered = sum((c.statuses for c in clients), Counter())
+    lost = [e for c in clients for e in c.lost]
+    assert code == 0, srv.output()[-2000:]
+    assert not lost, f"{len(lost)} requests lost: {lost[:3]}"
+    assert answered[200] > 100 and set(answered) <= {200, 503}, answered
+    assert took <= 5 + 1 + 1.5, f"shutdown took {took:.1f} s"  # graceful + 1 s (+ drain, slack)
