@@ -59,6 +59,7 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--repository", type=Path)
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--grpc-port", type=int, help="gRPC port (default 8001, as Triton's; 0: off)")
     s.add_argument("--models", type=_csv, help="comma-separated models to load (default: all)")
     s.add_argument("--version-policy", choices=["latest", "all"], help="default: latest")
     s.add_argument(

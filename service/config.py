@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     repository: Path = Path("model_repository")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        default=8001, ge=0, le=65535, description="gRPC (KServe v2 / Triton) port; 0 disables it."
+    )
     models: list[str] | None = Field(
         default=None, description="Models to load at start-up (default: every model found)."
     )

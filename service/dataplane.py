@@ -1,11 +1,12 @@
 """decode -> validate -> batch -> encode, for the v2 and v1 infer routes. Knows nothing of HTTP.
 
-Every call returns an `Answer` (status, headers, body); errors come back as answers too, counted
-in the metrics by reason, so the transport only has to write bytes.
+The REST calls return an `Answer` (status, headers, body); errors come back as answers too,
+counted in the metrics by reason, so the transport only has to write bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -17,16 +18,25 @@ import orjson
 
 from service import postprocess
 from service.batcher import ONLINE, BatchResult
-from service.codec import HEADER_LENGTH, NP_TYPES, decode_request, decompress, encode_response
+from service.codec import (
+    HEADER_LENGTH,
+    NP_TYPES,
+    InferRequest,
+    decode_request,
+    decompress,
+    encode_response,
+)
 from service.errors import BadRequest, ServeError, error_body
 from service.model_config import ModelConfig
 from service.repository import LoadedModel, Repository
-from service.validation import Bounds, check_complete, check_finite, validate_inputs
+from service.validation import Bounds, check_decoded, validate_inputs
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
 #: Request parameters that steer the protocol; the rest are echoed back.
 _PROTOCOL_PARAMETERS = {"binary_data_output", "timeout"}
+#: Bodies larger than this (or compressed) are decoded in a worker thread.
+OFFLOAD_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -50,34 +60,112 @@ def _timing(result: BatchResult, total_s: float) -> str:
     )
 
 
-def _as_serve_error(exc: Exception) -> ServeError:
-    """ONNX Runtime refusing an input (e.g. a window too short) is the caller's error; anything
-    else is ours, logged in full and answered with a fixed message."""
+def as_serve_error(exc: Exception) -> ServeError:
+    """What an exception answers with: a ServeError (the runtime already typed ONNX Runtime's
+    refusals as ModelRunError) as it is; anything else is ours, logged in full and answered with
+    a fixed message."""
     if isinstance(exc, ServeError):
         return exc
-    if type(exc).__module__.startswith("onnxruntime"):
-        return BadRequest(f"the model could not run on this input: {exc}")
     log.error("internal error during inference", exc_info=exc)
     return ServeError("internal server error")
 
 
+def timeout_ms(requested_us: Any, limit_ms: float) -> float | None:
+    """A request's own queue timeout (Triton's `timeout` parameter, microseconds), capped by
+    the model's; None when it gives none."""
+    if isinstance(requested_us, int | float) and not isinstance(requested_us, bool):
+        if requested_us > 0:
+            return min(requested_us / 1000, limit_ms)
+    return None
+
+
 class DataPlane:
-    """The infer routes' logic over a Repository."""
+    """decode -> validate -> batch -> encode over a Repository. REST uses `infer_v2` and
+    `predict_v1`; other transports (gRPC) decode their own requests and share `infer`,
+    `succeeded` and `failed`."""
 
     def __init__(self, repository: Repository, max_body_bytes: int) -> None:
         self.repository = repository
         self.max_body_bytes = max_body_bytes
 
-    def failed(self, name: str, version: str | None, exc: ServeError) -> Answer:
-        """Count a refused request and answer it (unknown names stay out of the labels)."""
+    # -- shared by every transport ----------------------------------------------------------
+    def admit(self, name: str, version: str | None) -> LoadedModel:
+        """The model a request is for, if it would take the request now: refuses unknown models
+        and full queues before a body is read or decoded."""
+        model = self.repository.get(name, version)
+        model.batcher.admit()
+        return model
+
+    async def infer(
+        self,
+        model: LoadedModel,
+        request: InferRequest,
+        gone: Callable[[], bool] | None = None,
+        deadline_ms: float | None = None,
+    ) -> tuple[BatchResult, list[tuple[str, bool]]]:
+        """Run a decoded, validated request: its rows of the outputs it asked for (name,
+        binary?). `deadline_ms` (a gRPC deadline) caps the queue timeout."""
+        wanted = wanted_outputs(model.config, request)
+        wait = timeout_ms(request.parameters.get("timeout"), model.batching.timeout_ms)
+        if deadline_ms is not None:
+            wait = min(wait or model.batching.timeout_ms, deadline_ms)
+        result = await model.batcher.submit(request.inputs, ONLINE, wait, gone)
+        return result, wanted
+
+    @staticmethod
+    def response_parameters(
+        model: LoadedModel, request: InferRequest, result: BatchResult
+    ) -> dict[str, Any]:
+        """The answer's parameters: the request's own (less the protocol's), and where its time
+        went."""
+        params = {k: v for k, v in request.parameters.items() if k not in _PROTOCOL_PARAMETERS}
+        params.update(
+            batch_size=result.batch_size,
+            provider=model.runtime.provider,
+            queue_ms=round(result.queue_s * 1000, 3),
+            compute_ms=round(result.compute_s * 1000, 3),
+        )
+        return params
+
+    def succeeded(self, model: LoadedModel, result: BatchResult, total_s: float) -> None:
+        """Count an answered request in the metrics and statistics."""
+        m = model.metrics
+        m.success.inc()
+        m.request_duration.observe(total_s)
+        m.queued(result.queue_s)
+        model.stats.succeeded(total_s, result.queue_s)
+
+    def failed(
+        self,
+        name: str,
+        version: str | None,
+        exc: Exception,
+        model: LoadedModel | None = None,
+        start: float | None = None,
+    ) -> ServeError:
+        """Count a refused or failed request (unknown names stay out of the labels); returns
+        the error it answers with."""
+        error = as_serve_error(exc)
+        if model is not None and start is not None:
+            model.stats.failed(time.perf_counter() - start)
         versions = self.repository.loaded.get(name)
         if versions:
             if version is None:
                 label = str(max(versions))
             else:
                 label = version if version in {str(v) for v in versions} else "unknown"
-            self.repository.metrics.failure.labels(name, label, exc.reason).inc()
-        return error_answer(exc)
+            self.repository.metrics.failure.labels(name, label, error.reason).inc()
+        return error
+
+    # -- REST --------------------------------------------------------------------------------
+    def decode_v2(self, model: LoadedModel, body: bytes, headers: dict[str, str]) -> InferRequest:
+        """A REST v2 body (JSON or binary, maybe compressed) decoded and validated."""
+        raw = decompress(body, headers.get("content-encoding"), self.max_body_bytes)
+        request = decode_request(
+            raw, headers.get(HEADER_LENGTH), Bounds(model.config, model.limits)
+        )
+        check_decoded(model.config, request.inputs)
+        return request
 
     async def infer_v2(
         self,
@@ -92,36 +180,23 @@ class DataPlane:
         model = None
         try:
             model = self.repository.get(name, version)
-            raw = decompress(body, headers.get("content-encoding"), self.max_body_bytes)
-            request = decode_request(
-                raw, headers.get(HEADER_LENGTH), Bounds(model.config, model.limits)
-            )
-            check_complete(model.config, request.inputs)
-            check_finite(model.config, request.inputs)
-            wanted = self._wanted_outputs(model.config, request)
-            timeout = request.parameters.get("timeout")  # Triton: microseconds
-            timeout_ms = None
-            if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0:
-                timeout_ms = min(timeout / 1000, model.batching.timeout_ms)
-            result = await model.batcher.submit(request.inputs, ONLINE, timeout_ms, gone)
-            params = {k: v for k, v in request.parameters.items() if k not in _PROTOCOL_PARAMETERS}
-            params.update(
-                batch_size=result.batch_size,
-                provider=model.runtime.provider,
-                queue_ms=round(result.queue_s * 1000, 3),
-                compute_ms=round(result.compute_s * 1000, 3),
-            )
+            if len(body) > OFFLOAD_BYTES or "content-encoding" in headers:
+                # large or compressed: decoded off the event loop, so other clients keep going
+                request = await asyncio.to_thread(self.decode_v2, model, body, headers)
+            else:
+                request = self.decode_v2(model, body, headers)
+            result, wanted = await self.infer(model, request, gone)
             out, header_len = encode_response(
                 name,
                 str(model.version),
                 [(n, result.outputs[n], binary) for n, binary in wanted],
                 request.id,
-                params,
+                self.response_parameters(model, request, result),
             )
         except Exception as exc:
-            return self._failed_on(model, start, name, version, exc)
+            return error_answer(self.failed(name, version, exc, model, start))
         total = time.perf_counter() - start
-        self._succeeded(model, result, total)
+        self.succeeded(model, result, total)
         answer_headers = {"server-timing": _timing(result, total)}
         if header_len is None:
             answer_headers["content-type"] = JSON
@@ -129,38 +204,6 @@ class DataPlane:
             answer_headers["content-type"] = "application/octet-stream"
             answer_headers["inference-header-content-length"] = str(header_len)
         return Answer(200, out, answer_headers)
-
-    @staticmethod
-    def _wanted_outputs(config: ModelConfig, request: Any) -> list[tuple[str, bool]]:
-        names = [o.name for o in config.outputs]
-        if request.outputs is None:
-            return [(n, request.binary_output) for n in names]
-        for out in request.outputs:
-            if out.name not in names:
-                raise BadRequest(
-                    f"unknown output '{out.name}'; model '{config.name}' has: {', '.join(names)}"
-                )
-        return [(o.name, o.binary) for o in request.outputs]
-
-    def _failed_on(
-        self,
-        model: LoadedModel | None,
-        start: float,
-        name: str,
-        version: str | None,
-        exc: Exception,
-    ) -> Answer:
-        """A request that failed after `start`; counted on its model version if it had one."""
-        if model is not None:
-            model.stats.failed(time.perf_counter() - start)
-        return self.failed(name, version, _as_serve_error(exc))
-
-    def _succeeded(self, model: LoadedModel, result: BatchResult, total_s: float) -> None:
-        m = model.metrics
-        m.success.inc()
-        m.request_duration.observe(total_s)
-        m.queued(result.queue_s)
-        model.stats.succeeded(total_s, result.queue_s)
 
     async def predict_v1(
         self, name: str, version: str | None, body: bytes, gone: Callable[[], bool] | None = None
@@ -182,10 +225,23 @@ class DataPlane:
                 }
             )
         except Exception as exc:
-            return self._failed_on(model, start, name, version, exc)
+            return error_answer(self.failed(name, version, exc, model, start))
         total = time.perf_counter() - start
-        self._succeeded(model, result, total)
+        self.succeeded(model, result, total)
         return Answer(200, out, {"content-type": JSON, "server-timing": _timing(result, total)})
+
+
+def wanted_outputs(config: ModelConfig, request: InferRequest) -> list[tuple[str, bool]]:
+    """The outputs a request asked for (all by default), each with whether it wants binary."""
+    names = [o.name for o in config.outputs]
+    if request.outputs is None:
+        return [(n, request.binary_output) for n in names]
+    for out in request.outputs:
+        if out.name not in names:
+            raise BadRequest(
+                f"unknown output '{out.name}'; model '{config.name}' has: {', '.join(names)}"
+            )
+    return [(o.name, o.binary) for o in request.outputs]
 
 
 def v1_inputs(config: ModelConfig, body: bytes) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from service.dataplane import Answer, DataPlane
+from service.dataplane import Answer, DataPlane, error_answer
 from service.errors import ServeError
 from service.transport import disconnect_probe, read_body, send_answer
 
@@ -32,10 +32,10 @@ async def answer_infer(
     """Admit, read the body and infer (shared with `api.py`). A request for an unknown model or
     a full queue is refused before its body is read."""
     try:
-        dataplane.repository.get(model, version).batcher.admit()
+        dataplane.admit(model, version)
         body = await read_body(receive, max_body, headers.get("content-length"))
     except ServeError as exc:
-        return dataplane.failed(model, version, exc)
+        return error_answer(dataplane.failed(model, version, exc))
     gone = disconnect_probe(receive)
     if kind == "v2":
         return await dataplane.infer_v2(model, version, body, headers, gone)

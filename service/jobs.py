@@ -32,6 +32,7 @@ from service.errors import (
     Unavailable,
 )
 from service.repository import LoadedModel, Repository
+from service.runtime import ModelRunError
 from service.scoring.engine import Arrays, BadInput, Infer, run
 from service.scoring.plan import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_ROWS, Plan, prepare
 from service.scoring.writer import Manifest, write_atomic
@@ -137,7 +138,7 @@ class JobManager:
         return prepare(
             model.config, model.version, self._inside(job.input, "input"),
             self._inside(job.output, "output"), engine="server", batch_size=job.piece_rows,
-            chunk_rows=job.chunk_rows, columns=job.column,
+            chunk_rows=job.chunk_rows, columns=job.column, root=self.root,
         )  # fmt: skip
 
     # -- the API's verbs ----------------------------------------------------------------------
@@ -290,8 +291,6 @@ class JobManager:
                 return (await model.batcher.submit(piece, BACKGROUND)).outputs
             except (QueueFull, QueueTimeout, Unavailable):
                 await asyncio.sleep(min(1.0, 0.01 * 2**attempt))  # busy or reloading: wait
-            except Exception as exc:
-                if type(exc).__module__.startswith("onnxruntime"):
-                    raise BadInput(str(exc)) from exc
-                raise
+            except ModelRunError as exc:  # the rows' fault: they go to the errors file
+                raise BadInput(exc.message) from exc
         raise Unavailable(f"model '{job.model}' refused background work {RETRIES} times in a row")

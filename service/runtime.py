@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.errors import BadRequest
+
 if TYPE_CHECKING:
     from service.config import BatchingOverride, Settings
 
@@ -61,6 +63,22 @@ GPU_WARM_UP_LENGTHS = (8, 16, 32, 64, 128)
 CUDA_GRAPH_WARM_RUNS = 3
 #: Sets of bound buffers kept per session (the least recently used set is dropped).
 BOUND_SHAPES = 64
+
+
+class ModelRunError(BadRequest):
+    """ONNX Runtime refused to run the model on this input (e.g. a window too short for the
+    graph): the caller's error, mapped the same way by HTTP, gRPC, jobs and offline scoring."""
+
+    reason = "model_refused"
+
+
+def run_error(exc: Exception) -> Exception:
+    """The error to raise for an exception from a session run: ONNX Runtime's own exceptions
+    (this module is the one place that knows them) become ModelRunError."""
+    if type(exc).__module__.startswith("onnxruntime"):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ModelRunError(f"the model could not run on this input: {first}")
+    return exc
 
 
 @dataclass(frozen=True)
@@ -592,10 +610,16 @@ class ModelRuntime:
 
     # -- running ------------------------------------------------------------------------------
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch on a free session; returns every output by name."""
+        """Run one batch on a free session; returns every output by name.
+
+        ModelRunError when ONNX Runtime refuses the input (the caller's fault); anything else
+        propagates as it is (ours).
+        """
         slot = self._slots.get()
         try:
             return self._run(slot, inputs)
+        except Exception as exc:
+            raise run_error(exc) from exc
         finally:
             self._slots.put(slot)
 

@@ -219,7 +219,7 @@ class Guard:
         needed = required_scope(method, path)
         if needed is None:
             return ANONYMOUS_CALLER
-        caller = self._authenticate(authorization, needed)
+        caller = self.authenticate(authorization, needed)
         if method == "POST" and needed in ("admin", "jobs"):  # the only simple method of these
             self._check_not_cross_site(authorization, content_type)
         return caller
@@ -237,7 +237,9 @@ class Guard:
             if origin_host not in self.hosts:
                 raise Forbidden(f"cross-origin requests from {text!r} are not allowed")
 
-    def _authenticate(self, authorization: bytes | None, needed: str) -> Caller:
+    def authenticate(self, authorization: bytes | None, needed: str) -> Caller:
+        """The caller presenting `authorization` (an `Authorization` header's value, or gRPC's
+        `authorization` metadata) for a route needing `needed`; raises 401/403 otherwise."""
         if authorization is None and needed in self.anonymous:
             return ANONYMOUS_CALLER
         if self.keys is None:

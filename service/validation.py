@@ -127,6 +127,12 @@ def validate_inputs(config: ModelConfig, limits: Limits, inputs: dict[str, np.nd
     return bounds.rows if config.batchable and bounds.rows else 1
 
 
+def check_decoded(config: ModelConfig, inputs: dict[str, np.ndarray]) -> None:
+    """A decoded request (whose shapes `Bounds` already checked): complete and finite."""
+    check_complete(config, inputs)
+    check_finite(config, inputs)
+
+
 def check_complete(config: ModelConfig, inputs: dict[str, np.ndarray]) -> None:
     """Every input the model takes is present."""
     missing = [s.name for s in config.inputs if s.name not in inputs]

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from service.runtime import ModelRuntime, RuntimeOptions
+from service.runtime import ModelRunError, ModelRuntime, RuntimeOptions
 from service.scoring.plan import ModelInput, ModelInputs, Plan
 from service.scoring.readers import Chunk
 from service.scoring.writer import ERRORS, Manifest, Summary, result_table
@@ -179,10 +179,8 @@ def local_infer(runtime: ModelRuntime, pool: ThreadPoolExecutor) -> Infer:
     async def infer(inputs: Arrays) -> Arrays:
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, runtime.run, inputs)
-        except Exception as exc:
-            if type(exc).__module__.startswith("onnxruntime"):
-                raise BadInput(str(exc)) from exc
-            raise
+        except ModelRunError as exc:
+            raise BadInput(exc.message) from exc
 
     return infer
 

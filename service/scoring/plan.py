@@ -268,8 +268,10 @@ def prepare(
     batch_size: int = DEFAULT_BATCH_SIZE,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     columns: list[str] | None = None,
+    root: Path | None = None,
 ) -> Plan:
-    """Check a job end to end before any work (ScoringError with the fix otherwise).
+    """Check a job end to end before any work (ScoringError with the fix otherwise). Under
+    `root` (a server's jobs root) the output is written without following symlinks.
 
     A model without a batch axis is scored one row per call (`batch_size` is then 1).
     """
@@ -298,7 +300,7 @@ def prepare(
         if reader.rows == 0:
             raise ScoringError(f"{input_path}: holds no rows to score")
         feed = model_input.fit(reader.width, config.name)
-    output = Output(Path(output_path))
+    output = Output(Path(output_path), root)
     plan = Plan(config, version, engine, reader, output, feed, batch_size, chunk_rows)
     output.check(plan.fingerprint)
     return plan

@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from service import postprocess
 from service.codec import NP_TYPES
 from service.model_config import ModelConfig
 from service.scoring import ScoringError
+from service.scoring.safedir import SafeDir
 
 MANIFEST, ERRORS, SUMMARY, LOCK = "_manifest.json", "_errors.csv", "_summary.json", "_lock"
 ROW = "row"  # the input row index column
@@ -171,20 +172,31 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 class Output:
-    """One job's output folder (see the module docstring)."""
+    """One job's output folder (see the module docstring). While open, every file operation
+    goes through the folder's descriptor (`SafeDir`), so swapping a path component for a
+    symlink mid-job cannot redirect a write; under `root` (a server's jobs root) the folder is
+    also opened without following symlinks."""
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, root: Path | None = None) -> None:
         self.target = Path(target)
+        self.root = root
         self.npy = self.target.suffix.lower() == ".npy"
         self.folder = (
             self.target.with_name(self.target.name + ".parts") if self.npy else self.target
         )
-        self._lock: io.BufferedWriter | None = None
+        self._lock: IO[Any] | None = None
+        self._dir: SafeDir | None = None
+        self._parent: SafeDir | None = None  # the .npy target's folder
 
     def manifest(self) -> Manifest | None:
         """The committed manifest, if any."""
         try:
-            return Manifest(**json.loads((self.folder / MANIFEST).read_bytes()))
+            raw = (
+                self._dir.read_bytes(MANIFEST)
+                if self._dir
+                else (self.folder / MANIFEST).read_bytes()
+            )
+            return Manifest(**json.loads(raw))
         except FileNotFoundError:
             return None
         except (ValueError, TypeError) as exc:
@@ -198,7 +210,10 @@ class Output:
         if manifest is None:
             if self.npy and self.target.exists():
                 raise ScoringError(f"output {self.target} exists; choose a new one or remove it")
-            if self.folder.is_dir() and any(p.name != LOCK for p in self.folder.iterdir()):
+            names = self._dir.names() if self._dir else (
+                [p.name for p in self.folder.iterdir()] if self.folder.is_dir() else []
+            )  # fmt: skip
+            if any(n != LOCK for n in names):
                 raise ScoringError(
                     f"output {self.folder} exists and holds files but no {MANIFEST} (not a "
                     "resumable job's output); choose a new output or remove it"
@@ -213,13 +228,17 @@ class Output:
             )
 
     def open(self, fingerprint: dict[str, Any], total_rows: int) -> Manifest:
-        """Lock the folder, check it, and drop whatever a crash left past the last commit."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        lock = (self.folder / LOCK).open("ab")
+        """Open and lock the folder, check it, and drop whatever a crash left past the last
+        commit."""
+        self._dir = SafeDir.open(self.folder, self.root)
+        if self.npy:
+            self._parent = SafeDir.open(self.target.parent, self.root)
+        lock = self._dir.file(LOCK, "ab")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
+            self.close()
             raise ScoringError(f"output {self.folder} is being written by another job") from None
         self._lock = lock
         try:
@@ -228,29 +247,43 @@ class Output:
             self.close()  # a refused output must not stay locked
             raise
 
+    @property
+    def dir(self) -> SafeDir:
+        if self._dir is None:
+            raise RuntimeError("Output.open() was not called")
+        return self._dir
+
     def _prepare(self, fingerprint: dict[str, Any], total_rows: int) -> Manifest:
         self.check(fingerprint)
         manifest = self.manifest() or Manifest(fingerprint, total_rows)
-        for path in self.folder.iterdir():  # parts past the last commit, and temp files
-            index = path.name.removeprefix("part-").removesuffix(".parquet")
-            stale = path.name.startswith("part-") and index.isdigit()
-            if (stale and int(index) >= manifest.chunks_done) or path.name.startswith(TMP_PREFIX):
-                path.unlink()
-        errors = self.folder / ERRORS
+        d = self.dir
+        for name in d.names():  # parts past the last commit, and temp files
+            index = name.removeprefix("part-").removesuffix(".parquet")
+            stale = name.startswith("part-") and index.isdigit()
+            if (stale and int(index) >= manifest.chunks_done) or name.startswith(TMP_PREFIX):
+                d.unlink(name)
+        size = d.size(ERRORS)
         if manifest.errors_bytes == len(ERRORS_HEADER):
-            errors.write_bytes(ERRORS_HEADER)
-        elif not errors.is_file() or errors.stat().st_size < manifest.errors_bytes:
-            raise ScoringError(f"{errors} lost committed rows; remove {self.folder} to start over")
+            d.write_atomic(ERRORS, ERRORS_HEADER, TMP_PREFIX)
+        elif size is None or size < manifest.errors_bytes:
+            raise ScoringError(
+                f"{self.folder / ERRORS} lost committed rows; remove {self.folder} to start over"
+            )
         else:
-            os.truncate(errors, manifest.errors_bytes)
-        write_atomic(self.folder / MANIFEST, json.dumps(asdict(manifest)).encode())
+            with d.file(ERRORS, "r+b") as ef:
+                ef.truncate(manifest.errors_bytes)
+        d.write_atomic(MANIFEST, json.dumps(asdict(manifest)).encode(), TMP_PREFIX)
         return manifest
 
     def close(self) -> None:
-        """Release the folder's lock."""
+        """Release the folder's lock and descriptors."""
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+        for held in (self._dir, self._parent):
+            if held is not None:
+                held.close()
+        self._dir = self._parent = None
 
     def commit(
         self, manifest: Manifest, table: Any, count: int, errors: list[tuple[int, str]], s: float
@@ -258,18 +291,19 @@ class Output:
         """Commit the next chunk: its part, its errors, then the manifest."""
         import pyarrow.parquet as pq
 
-        part = self.folder / part_name(manifest.chunks_done)
-        tmp = part.with_name(TMP_PREFIX + part.name)
+        d = self.dir
+        part = part_name(manifest.chunks_done)
+        tmp = TMP_PREFIX + part
         strings = [f.name for f in table.schema if f.type == "string"]
-        with tmp.open("wb") as f:
+        with d.file(tmp, "wb") as f:
             pq.write_table(table, f, use_dictionary=strings)  # floats: dictionaries cost, not pay
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, part)
+        d.replace(tmp, part)
         if errors:
             text = io.StringIO()
             csv.writer(text, lineterminator="\n").writerows(errors)
-            with (self.folder / ERRORS).open("r+b") as ef:
+            with d.file(ERRORS, "r+b") as ef:
                 ef.seek(manifest.errors_bytes)
                 ef.write(text.getvalue().encode())
                 ef.truncate()
@@ -281,23 +315,27 @@ class Output:
         manifest.scored += table.num_rows
         manifest.errors += len(errors)
         manifest.elapsed_s += s
-        write_atomic(self.folder / MANIFEST, json.dumps(asdict(manifest)).encode())
+        d.write_atomic(MANIFEST, json.dumps(asdict(manifest)).encode(), TMP_PREFIX)
 
     def finish(self, manifest: Manifest, summary: Summary) -> None:
         """Mark the job complete (assembling the .npy first, if that is the output)."""
+        d = self.dir
         if self.npy:
-            assemble_npy([self.folder / part_name(i) for i in range(manifest.chunks_done)],
-                         self.target)  # fmt: skip
-        write_atomic(self.folder / SUMMARY, json.dumps(asdict(summary), indent=2).encode())
+            assert self._parent is not None
+            parts = [part_name(i) for i in range(manifest.chunks_done)]
+            assemble_npy([d.file(p, "rb") for p in parts], self.target, self._parent)
+        d.write_atomic(SUMMARY, json.dumps(asdict(summary), indent=2).encode(), TMP_PREFIX)
         manifest.complete = True
-        write_atomic(self.folder / MANIFEST, json.dumps(asdict(manifest)).encode())
+        d.write_atomic(MANIFEST, json.dumps(asdict(manifest)).encode(), TMP_PREFIX)
         if self.npy:
-            for path in self.folder.glob("part-*.parquet"):
-                path.unlink()
+            for name in d.names():
+                if name.startswith("part-") and name.endswith(".parquet"):
+                    d.unlink(name)
 
     def summary(self) -> Summary:
         """The summary a complete job wrote."""
-        return Summary(**json.loads((self.folder / SUMMARY).read_bytes()))
+        raw = self._dir.read_bytes(SUMMARY) if self._dir else (self.folder / SUMMARY).read_bytes()
+        return Summary(**json.loads(raw))
 
 
 def _structured_field(table: Any, name: str) -> tuple[str, Any, tuple[int, ...]]:
@@ -316,7 +354,7 @@ def _structured_field(table: Any, name: str) -> tuple[str, Any, tuple[int, ...]]
     return name, type_.to_pandas_dtype(), shape
 
 
-def assemble_npy(parts: list[Path], target: Path) -> None:
+def assemble_npy(parts: list[Any], target: Path, folder: SafeDir | None = None) -> None:
     """Parts into one structured array at `target` (one field per column), written atomically.
 
     Strings become fixed-width unicode fields (as wide as the longest), fixed-size lists become
@@ -337,6 +375,9 @@ def assemble_npy(parts: list[Path], target: Path) -> None:
                 widths[name] = max(widths.get(name, kind[0] + "1"), kind, key=lambda u: int(u[1:]))
     dtype = np.dtype([(n, widths.get(n, k), s) for n, k, s in fields])
     tmp = target.with_name(TMP_PREFIX + target.name)
+    if folder is not None:  # create the temp file through the folder's descriptor
+        os.close(folder.open_fd(tmp.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+        tmp = Path(f"/proc/self/fd/{folder.fd}") / tmp.name
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows,))
     offset = 0
     for f in files:
@@ -353,4 +394,7 @@ def assemble_npy(parts: list[Path], target: Path) -> None:
         offset += n
     out.flush()
     del out
-    os.replace(tmp, target)
+    if folder is not None:
+        folder.replace(tmp.name, target.name)
+    else:
+        os.replace(tmp, target)
