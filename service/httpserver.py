@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Generator
 from typing import Any
@@ -147,8 +148,9 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve(app: Any, settings: Settings) -> int:
-    """Serve `app` until a signal; 0 after a clean shutdown."""
+def serve(app: Any, settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+    """Serve `app` until a signal; 0 after a clean shutdown. `sockets`: listening sockets
+    already bound (a worker of `--workers`), instead of binding host:port."""
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -166,5 +168,5 @@ def serve(app: Any, settings: Settings) -> int:
         ssl_keyfile=settings.ssl_keyfile,
     )
     server = _Server(config)
-    server.run()
+    server.run(sockets=sockets)
     return 0 if server.started else 1

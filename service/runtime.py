@@ -65,6 +65,11 @@ CUDA_GRAPH_WARM_RUNS = 3
 BOUND_SHAPES = 64
 
 
+#: Batches with at least this many input elements run with ONNX Runtime's arena shrinkage, so
+#: that one legal but large request does not leave its memory held by the arena for good.
+SHRINK_ELEMENTS = 1 << 18
+
+
 class ModelRunError(BadRequest):
     """ONNX Runtime refused to run the model on this input (e.g. a window too short for the
     graph): the caller's error, mapped the same way by HTTP, gRPC, jobs and offline scoring."""
@@ -267,7 +272,7 @@ def probe_provider_library(ort: ModuleType, provider: str) -> str | None:
 
 
 _preload_lock = threading.Lock()
-_preloaded: dict[int, str] = {}
+_preloaded: dict[int, tuple[ModuleType, str]] = {}  # the module is kept: its id stays its own
 
 
 def prepare_gpu_libraries(ort: ModuleType) -> str:
@@ -276,7 +281,7 @@ def prepare_gpu_libraries(ort: ModuleType) -> str:
     extras). What it prints (libraries it could not load) goes to the log; returns that text."""
     with _preload_lock:
         if id(ort) in _preloaded:
-            return _preloaded[id(ort)]
+            return _preloaded[id(ort)][1]
         preload = getattr(ort, "preload_dlls", None)
         said = io.StringIO()
         if preload is not None:
@@ -288,7 +293,7 @@ def prepare_gpu_libraries(ort: ModuleType) -> str:
         text = said.getvalue().strip()
         if text:
             log.info("onnxruntime.preload_dlls(): %s", " | ".join(text.splitlines()))
-        _preloaded[id(ort)] = text
+        _preloaded[id(ort)] = (ort, text)
         return text
 
 
@@ -462,6 +467,8 @@ class ModelRuntime:
         self.inputs = {i.name: i for i in first.get_inputs()}
         self.outputs = {o.name: o for o in first.get_outputs()}
         self.output_names = list(self.outputs)
+        self._shrink = self._ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.provider = ",".join(dict.fromkeys(r.provider for r in self.sessions))
         self.on_gpu = any(r.provider in GPU_PROVIDERS for r in self.sessions)
         #: The GPUs that sessions really run on (Triton's instance_group `gpus`).
@@ -626,7 +633,10 @@ class ModelRuntime:
     def _run(self, slot: _Slot, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if slot.binder is not None:
             return slot.binder.run(inputs)
-        outputs = slot.session.run(self.output_names, inputs)
+        options = None
+        if sum(a.size for a in inputs.values()) >= SHRINK_ELEMENTS:
+            options = self._shrink  # a large batch: give its arena growth back afterwards
+        outputs = slot.session.run(self.output_names, inputs, options)
         return dict(zip(self.output_names, outputs, strict=True))
 
     def warm_up_sizes(self, max_batch_size: int) -> tuple[int, ...]:

@@ -110,3 +110,29 @@ def test_limits_on_rows_and_dynamic_axes(server):
         headers={"Inference-Header-Content-Length": str(len(head))},
     )
     assert resp.status_code == 413 and "max_rows" in resp.json()["error"]
+
+
+def test_a_maximal_legal_lstm_batch_leaves_no_memory_behind(server):
+    import psutil
+
+    proc = psutil.Process(server.process.pid)
+    window = np.linspace(300, 420, 1024, dtype=np.float32)
+    x = np.broadcast_to(window.reshape(1, -1, 1), (128, 1024, 1)).copy()
+    body, n = encode_request({"series": x}, binary=True)
+    post = lambda: httpx.post(  # noqa: E731
+        f"{server.url}/v2/models/lstm/infer",
+        content=body,
+        headers={"Inference-Header-Content-Length": str(n)},
+        timeout=60,
+    )
+    assert post().status_code == 200  # warm: the first such batch
+    before = proc.memory_info().rss
+    for _ in range(3):
+        assert post().status_code == 200
+    grown = (proc.memory_info().rss - before) / 2**20
+    assert grown < 200, f"RSS grew by {grown:.0f} MB"
+    too_many = np.zeros((129, 1024, 1), np.float32)
+    body, n = encode_request({"series": too_many}, binary=True)
+    r = httpx.post(f"{server.url}/v2/models/lstm/infer", content=body,
+                   headers={"Inference-Header-Content-Length": str(n)})  # fmt: skip
+    assert r.status_code == 413 and "max_elements" in r.json()["error"]
