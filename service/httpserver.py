@@ -37,6 +37,40 @@ def _raw_response(status: bytes, message: str) -> bytes:
     )
 
 
+class OneWrite:
+    """A transport that sends a response's status line and headers in the same socket write as
+    its body (uvicorn writes them separately: two syscalls per response). The head is held until
+    the next write, the end of the response, or close; interim `100 Continue` goes at once."""
+
+    __slots__ = ("_transport", "_held")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._transport.writelines((held, data))
+        elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100"):
+            self._held = data
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with header and body read timeouts and a drain on shutdown.
     The class attributes are set by `protocol_class`."""
@@ -75,8 +109,12 @@ class GuardedProtocol(HttpToolsProtocol):
 
     # -- timers around uvicorn's parser callbacks ------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(OneWrite(transport))  # type: ignore[arg-type]
         self._arm(self.header_timeout_s, "headers")
+
+    def on_response_complete(self) -> None:
+        self.transport.flush()  # type: ignore[attr-defined]
+        super().on_response_complete()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

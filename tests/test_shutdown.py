@@ -110,3 +110,13 @@ def test_sigterm_under_load_answers_everything_and_exits_0(repository, tmp_path)
     assert not lost, f"{len(lost)} requests lost: {lost[:3]}"
     assert answered[200] > 100 and set(answered) <= {200, 503}, answered
     assert took <= 5 + 1 + 1.5, f"shutdown took {took:.1f} s"  # graceful + 1 s (+ drain, slack)
+
+
+def test_responses_without_a_body_and_interim_100_continue_are_not_held(server):
+    with httpx.Client(base_url=server.url, timeout=5) as client:  # one keep-alive connection
+        head = client.head("/v2/health/live")
+        assert head.status_code == 405 and head.content == b""
+        assert client.get("/v2/health/live").status_code == 200
+        body = _cnn_body()
+        r = client.post("/v2/models/cnn/infer", json=body, headers={"Expect": "100-continue"})
+        assert r.status_code == 200
