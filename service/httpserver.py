@@ -14,19 +14,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Generator
 from typing import Any
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.config import Settings
 
 log = logging.getLogger(__name__)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+MAX_HOLD_OFF_S = 2.0  # below the keep-alive timeout, which must not close a held connection
+ACCEPT_BATCH = 256  # connections accepted per readiness of the listening socket
 
 
 def _raw_response(status: bytes, message: str) -> bytes:
@@ -37,16 +42,25 @@ def _raw_response(status: bytes, message: str) -> bytes:
     )
 
 
+_RETRY_AFTER = re.compile(rb"\r\nretry-after: *(\d{1,4})\r\n", re.IGNORECASE)
+
+
+def _retry_after(head: bytes) -> float:
+    match = _RETRY_AFTER.search(head)
+    return float(match[1]) if match else 0.0
+
+
 class OneWrite:
     """A transport that sends a response's status line and headers in the same socket write as
     its body (uvicorn writes them separately: two syscalls per response). The head is held until
     the next write, the end of the response, or close; interim `100 Continue` goes at once."""
 
-    __slots__ = ("_transport", "_held")
+    __slots__ = ("_transport", "_held", "retry_after")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self._held: bytes | None = None
+        self.retry_after = 0.0  # a 503's Retry-After seconds, for the protocol to enforce
 
     def write(self, data: bytes) -> None:
         if self._held is not None:
@@ -54,6 +68,8 @@ class OneWrite:
             self._transport.writelines((held, data))
         elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100"):
             self._held = data
+            if data.startswith(b"HTTP/1.1 503"):
+                self.retry_after = _retry_after(data)
         else:
             self._transport.write(data)
 
@@ -113,8 +129,25 @@ class GuardedProtocol(HttpToolsProtocol):
         self._arm(self.header_timeout_s, "headers")
 
     def on_response_complete(self) -> None:
-        self.transport.flush()  # type: ignore[attr-defined]
+        transport: OneWrite = self.transport  # type: ignore[assignment]
+        transport.flush()
         super().on_response_complete()
+        if transport.retry_after and not self._draining:
+            self._hold_off(min(transport.retry_after, MAX_HOLD_OFF_S))
+            transport.retry_after = 0.0
+
+    def _hold_off(self, seconds: float) -> None:
+        """Enforce a refusal's Retry-After on this connection: read nothing more from it for
+        that long. A client that honours the header sees no difference; one that does not waits
+        in the kernel's buffers instead of costing the event loop another refusal."""
+        if self.transport.is_closing():
+            return
+        self.transport.pause_reading()
+        self.loop.call_later(seconds, self._resume_after_hold_off)
+
+    def _resume_after_hold_off(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -169,9 +202,87 @@ def protocol_class(settings: Settings) -> type[GuardedProtocol]:
     )
 
 
+class AcceptAll:
+    """A listening socket served by accepting every pending connection each time it is ready.
+
+    uvloop's libuv accepts one connection per loop iteration: under overload a new connection (a
+    liveness probe) waited behind hundreds, 5 s and more (docs/hardening.md). Closing stops
+    accepting; uvicorn closes the socket itself.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        factory: Any,
+        ssl: Any,
+        backlog: int,
+    ) -> None:
+        self.loop, self.sock, self.factory, self.ssl = loop, sock, factory, ssl
+        sock.listen(backlog)
+        sock.setblocking(False)
+        self._fd = sock.fileno()
+        loop.add_reader(self._fd, self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors: stop listening for a moment
+                log.warning("accept failed (%s); pausing accepts for 100 ms", exc)
+                self.loop.remove_reader(self._fd)
+                self.loop.call_later(0.1, self.loop.add_reader, self._fd, self._accept)
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.factory, conn, ssl=self.ssl)
+        except Exception as exc:  # a TLS handshake that failed, a peer that went away
+            log.debug("connection dropped before it started: %s", exc)
+            conn.close()
+
+    def close(self) -> None:
+        self.loop.remove_reader(self._fd)
+
+    async def wait_closed(self) -> None:
+        return None
+
+
 class _Server(uvicorn.Server):
-    """uvicorn's server, except that a signal that led to a clean shutdown is not re-raised
-    (the process exits 0, not -15)."""
+    """uvicorn's server, with listeners that accept every pending connection at once, and a
+    signal that led to a clean shutdown not re-raised (the process exits 0, not -15)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start-up (lifespan, then listen), on `AcceptAll` listeners."""
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            sys.exit(STARTUP_FAILURE)
+        config = self.config
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=_loop,
+            )
+
+        loop = asyncio.get_running_loop()
+        listeners = sockets if sockets is not None else [config.bind_socket()]
+        accepting: list[Any] = [
+            AcceptAll(loop, sock, create_protocol, config.ssl, config.backlog) for sock in listeners
+        ]
+        self.servers = accepting
+        self._owned = [] if sockets is not None else listeners
+        self.started = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown([*(sockets or []), *getattr(self, "_owned", [])])
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
