@@ -212,3 +212,10 @@ async def test_delay_fills_batches_when_instances_are_busy():
     await asyncio.gather(*(b.submit(row(i)) for i in range(24)))
     assert len(model.calls) < 24
     await b.close()
+
+
+async def test_a_tiny_timeout_on_an_idle_batcher_still_runs():
+    model = FakeModel()
+    b = make(model, max_batch_size=4)
+    result = await b.submit(row(1.0), timeout_ms=0.001)
+    assert result.batch_size == 1 and model.calls == [1]
