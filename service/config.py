@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     model_overrides: dict[str, BatchingOverride] = Field(default_factory=dict)
 
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_json_body_bytes: int = Field(
+        default=2 * 1024 * 1024,
+        ge=1024,
+        description="JSON bodies (after inflation): decoding holds the event loop (~20 ms per "
+        "MB); larger batches go as binary tensors, up to max_body_bytes.",
+    )
     max_rows: int = Field(default=4096, ge=1, description="Rows per request (per model: limits).")
     max_elements: int = Field(
         default=4 * 1024 * 1024, ge=1, description="Elements per request, all inputs together."
@@ -129,6 +135,16 @@ class Settings(BaseSettings):
         default=0.5, ge=0, description="At shutdown, idle connections stay open this long."
     )
     backlog: int = Field(default=2048, ge=1)
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default=1,
+        description="Server processes answering on one port (service/workers.py); 'auto': one "
+        "per core this process may use, or 1 when a GPU provider is active.",
+    )
+    worker_state_dir: Path | None = Field(
+        default=None,
+        description="Set by the --workers supervisor for its workers (not for users): the folder "
+        "where they share model state, readiness and metrics. None: a single process.",
+    )
     jobs_root: Path | None = Field(
         default=None, description="Batch-scoring jobs may read and write only under this folder."
     )

@@ -26,7 +26,7 @@ from service.codec import (
     decompress,
     encode_response,
 )
-from service.errors import BadRequest, ServeError, error_body
+from service.errors import BadRequest, PayloadTooLarge, ServeError, error_body
 from service.model_config import ModelConfig
 from service.repository import LoadedModel, Repository
 from service.validation import Bounds, check_decoded, validate_inputs
@@ -53,7 +53,8 @@ def error_answer(exc: ServeError) -> Answer:
     return Answer(exc.status, error_body(exc.message), {"content-type": JSON, **exc.headers})
 
 
-def _timing(result: BatchResult, total_s: float) -> str:
+def server_timing(result: BatchResult, total_s: float) -> str:
+    """The `Server-Timing` value of an answer: queue, compute and total milliseconds."""
     return (
         f"queue;dur={result.queue_s * 1000:.3f}, compute;dur={result.compute_s * 1000:.3f}, "
         f"total;dur={total_s * 1000:.3f}"
@@ -87,6 +88,14 @@ class DataPlane:
     def __init__(self, repository: Repository, max_body_bytes: int) -> None:
         self.repository = repository
         self.max_body_bytes = max_body_bytes
+        self.max_json_bytes = min(max_body_bytes, repository.settings.max_json_body_bytes)
+
+    def body_limit(self, kind: str, headers: dict[str, str]) -> int:
+        """The most a request body may hold: JSON bodies (v1, and v2 without binary tensors)
+        are held to max_json_body_bytes, since decoding them holds the event loop."""
+        if kind == "v2" and HEADER_LENGTH in headers:
+            return self.max_body_bytes
+        return self.max_json_bytes
 
     # -- shared by every transport ----------------------------------------------------------
     def admit(self, name: str, version: str | None) -> LoadedModel:
@@ -160,7 +169,9 @@ class DataPlane:
     # -- REST --------------------------------------------------------------------------------
     def decode_v2(self, model: LoadedModel, body: bytes, headers: dict[str, str]) -> InferRequest:
         """A REST v2 body (JSON or binary, maybe compressed) decoded and validated."""
-        raw = decompress(body, headers.get("content-encoding"), self.max_body_bytes)
+        raw = decompress(body, headers.get("content-encoding"), self.body_limit("v2", headers))
+        if HEADER_LENGTH not in headers and len(raw) > self.max_json_bytes:
+            raise PayloadTooLarge(json_too_large(self.max_json_bytes))
         request = decode_request(
             raw, headers.get(HEADER_LENGTH), Bounds(model.config, model.limits)
         )
@@ -197,7 +208,7 @@ class DataPlane:
             return error_answer(self.failed(name, version, exc, model, start))
         total = time.perf_counter() - start
         self.succeeded(model, result, total)
-        answer_headers = {"server-timing": _timing(result, total)}
+        answer_headers = {"server-timing": server_timing(result, total)}
         if header_len is None:
             answer_headers["content-type"] = JSON
         else:
@@ -228,7 +239,18 @@ class DataPlane:
             return error_answer(self.failed(name, version, exc, model, start))
         total = time.perf_counter() - start
         self.succeeded(model, result, total)
-        return Answer(200, out, {"content-type": JSON, "server-timing": _timing(result, total)})
+        return Answer(
+            200, out, {"content-type": JSON, "server-timing": server_timing(result, total)}
+        )
+
+
+def json_too_large(limit: int) -> str:
+    """The 413 message for a JSON body over its limit, saying what to do instead."""
+    return (
+        f"JSON request body over the {limit}-byte limit for JSON "
+        "(max_json_body_bytes): send large batches as binary tensors (Triton's binary tensor "
+        "extension, Inference-Header-Content-Length)"
+    )
 
 
 def wanted_outputs(config: ModelConfig, request: InferRequest) -> list[tuple[str, bool]]:

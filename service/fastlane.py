@@ -12,8 +12,8 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from service.dataplane import Answer, DataPlane, error_answer
-from service.errors import ServeError
+from service.dataplane import Answer, DataPlane, error_answer, json_too_large
+from service.errors import PayloadTooLarge, ServeError
 from service.transport import disconnect_probe, read_body, send_answer
 
 INFER = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
@@ -31,9 +31,14 @@ async def answer_infer(
 ) -> Answer:
     """Admit, read the body and infer (shared with `api.py`). A request for an unknown model or
     a full queue is refused before its body is read."""
+    limit = max_body
     try:
         dataplane.admit(model, version)
-        body = await read_body(receive, max_body, headers.get("content-length"))
+        limit = min(max_body, dataplane.body_limit(kind, headers))
+        body = await read_body(receive, limit, headers.get("content-length"))
+    except PayloadTooLarge as exc:  # over the JSON limit: say how to send more
+        error = PayloadTooLarge(json_too_large(limit)) if limit < max_body else exc
+        return error_answer(dataplane.failed(model, version, error))
     except ServeError as exc:
         return error_answer(dataplane.failed(model, version, exc))
     gone = disconnect_probe(receive)

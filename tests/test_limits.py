@@ -136,3 +136,20 @@ def test_a_maximal_legal_lstm_batch_leaves_no_memory_behind(server):
     r = httpx.post(f"{server.url}/v2/models/lstm/infer", content=body,
                    headers={"Inference-Header-Content-Length": str(n)})  # fmt: skip
     assert r.status_code == 413 and "max_elements" in r.json()["error"]
+
+
+def test_json_bodies_have_their_own_limit_and_binary_goes_further(repository, tmp_path):
+    from tests.conftest import run_server
+
+    x = np.zeros((600, 1, 28, 28), np.float32)  # ~2.4 MB as JSON, 1.9 MB as binary
+    env = {"ONNXSERVE_MAX_JSON_BODY_BYTES": "1000000"}
+    with run_server(repository, tmp_path, "--models", "cnn", env=env) as srv:
+        url = f"{srv.url}/v2/models/cnn/infer"
+        r = httpx.post(url, content=_v2("image", x))
+        assert r.status_code == 413 and "binary" in r.json()["error"]
+        packed = gzip.compress(_v2("image", x))
+        r = httpx.post(url, content=packed, headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 413
+        body, n = encode_request({"image": x}, binary=True)
+        r = httpx.post(url, content=body, headers={"Inference-Header-Content-Length": str(n)})
+        assert r.status_code == 200
