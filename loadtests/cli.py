@@ -1,6 +1,8 @@
 """`onnxserve loadtest`: run Locust headless against a server and write a report with plots.
 
 Without --url it starts `onnxserve serve` on --repository itself and stops it afterwards.
+`--protocol grpc` sends Triton's gRPC ModelInfer to the server's gRPC port (--grpc-url; the
+metadata and /metrics still come from --url).
 Requests carry the model's held-out samples (`samples.npz` in --repository) when it has them,
 else random data of each input's datatype and shape from the server's metadata (--inputs);
 dynamic axes of random inputs take their sizes from --shape NAME:D1,D2 (no batch axis).
@@ -22,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.capacity import MAX_FAILURE_RATIO, doubling, find_capacity
-from loadtests.payloads import INPUT_SOURCES, PROTOCOLS, V2_JSON, parse_mix, parse_shapes
+from loadtests.payloads import (
+    GRPC,
+    INPUT_SOURCES,
+    PROTOCOLS,
+    V2_JSON,
+    grpc_target,
+    parse_mix,
+    parse_shapes,
+)
 from loadtests.report import format_table
 from loadtests.runner import MODELS, LoadSpec, LoadTestError, local_server, preflight, run_once
 
@@ -60,11 +70,19 @@ def parser() -> argparse.ArgumentParser:
         help="model repository with the held-out samples (and served when no --url)",
     )  # fmt: skip
     target.add_argument("--server-args", default="", help="extra flags for the local server")
+    target.add_argument(
+        "--grpc-url", metavar="[grpc://]HOST:PORT",
+        help="the server's gRPC port for --protocol grpc (default: --url's host, port 8001; "
+        "the local server's own)",
+    )  # fmt: skip
     traffic = p.add_argument_group("traffic")
     traffic.add_argument(
         "--model", default="cnn", help=f"{', '.join(MODELS)}, mixed, or any served model's name"
     )
-    traffic.add_argument("--protocol", choices=[*PROTOCOLS, "mixed"], default=V2_JSON)
+    traffic.add_argument(
+        "--protocol", choices=[*PROTOCOLS, "mixed"], default=V2_JSON,
+        help="mixed draws from the HTTP protocols",
+    )  # fmt: skip
     traffic.add_argument("--rows", type=int, default=1, help="rows (samples) per request")
     traffic.add_argument("--mix", help="weights for --model mixed, e.g. cnn:6,autoencoder:3,lstm:1")
     traffic.add_argument(
@@ -97,12 +115,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _target(args: argparse.Namespace, out: Path) -> Iterator[str]:
+def _target(args: argparse.Namespace, out: Path) -> Iterator[tuple[str, str | None]]:
+    """The HTTP URL and the gRPC HOST:PORT (None unless --protocol grpc) to test."""
+    grpc = args.protocol == GRPC
     if args.url:
-        yield args.url.rstrip("/")
+        url = args.url.rstrip("/")
+        yield url, grpc_target(url, args.grpc_url or "") if grpc else None
         return
-    with local_server(args.repository, out / "server.log", shlex.split(args.server_args)) as url:
-        yield url
+    extra = shlex.split(args.server_args)
+    with local_server(args.repository, out / "server.log", extra, grpc=grpc) as target:
+        yield target
 
 
 def _say(text: str, stream: Any = None) -> None:
@@ -128,13 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or Path("runs") / f"loadtest-{stamp}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with _target(args, out) as url:
+        with _target(args, out) as (url, grpc_url):
             spec = LoadSpec(
                 url=url, repository=args.repository.resolve(), model=args.model,
                 protocol=args.protocol, rows=args.rows, users=args.users,
                 spawn_rate=args.spawn_rate, duration_s=args.duration, steps=args.step_users,
                 step_s=args.step_duration, processes=args.processes, mix=args.mix,
-                inputs=args.inputs, shapes=shapes,
+                inputs=args.inputs, shapes=shapes, grpc_url=grpc_url,
             )  # fmt: skip
             for model, source in preflight(spec).items():
                 _say(f"{model} inputs: {source}")
@@ -149,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
 def _single(spec: LoadSpec, out: Path) -> int:
     load = f"steps {spec.steps} x {spec.step_s:g}s" if spec.steps else (
         f"{spec.users} users for {spec.duration_s:g}s")  # fmt: skip
-    _say(f"load test: {spec.model} / {spec.protocol} / {spec.rows} row(s), {load} -> {spec.url}")
+    target = spec.url + (f" (gRPC {spec.grpc_url})" if spec.grpc_url else "")
+    _say(f"load test: {spec.model} / {spec.protocol} / {spec.rows} row(s), {load} -> {target}")
     summary = run_once(spec, out)
     _say(format_table(summary))
     for warning in summary["warnings"]:

@@ -7,8 +7,10 @@
 
 Options (each also an env var; shown in the web UI): `--model` cnn|lstm|autoencoder|mixed or any
 served model's name (LOADTEST_MODEL; picks the user class unless classes are named on the
-command line: ModelUser for a model that is not one of ours), `--protocol`
-v2-json|v2-binary|v1|mixed (LOADTEST_PROTOCOL), `--rows` per request (LOADTEST_ROWS), `--mix`
+command line: ModelUser for a model that is not one of ours, GrpcUser for `--protocol grpc`),
+`--protocol` v2-json|v2-binary|v1|grpc|mixed (LOADTEST_PROTOCOL; mixed draws from the HTTP
+ones), `--grpc-host` HOST:PORT of the gRPC port (LOADTEST_GRPC_HOST; default: --host's host and
+Triton's 8001), `--rows` per request (LOADTEST_ROWS), `--mix`
 weights for MixedUser (LOADTEST_MIX, "cnn:6,autoencoder:3,lstm:1"), `--repository` holding the
 held-out samples (LOADTEST_REPOSITORY), `--inputs` auto|samples|random (LOADTEST_INPUTS: auto
 takes samples.npz when the repository has it, else random data from the metadata), `--shape`
@@ -28,6 +30,7 @@ import logging
 import os
 import random
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -37,7 +40,7 @@ import gevent
 import numpy as np
 import orjson
 from gevent.lock import Semaphore
-from locust import FastHttpUser, LoadTestShape, constant, events, task
+from locust import FastHttpUser, LoadTestShape, User, constant, events, task
 from locust.exception import StopUser
 from locust.runners import WorkerRunner
 
@@ -45,17 +48,21 @@ if importlib.util.find_spec("loadtests") is None:  # a checkout that is not pip-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests.payloads import (
+    GRPC,
+    GRPC_OK,
     HEADER_LENGTH,
     INPUT_SOURCES,
     PROTOCOLS,
     V2_JSON,
     ModelTraffic,
+    grpc_target,
     parse_mix,
     parse_server_timing,
     parse_shapes,
     traffic_for,
 )
 from loadtests.timing import TimingLog
+from service.grpc.messages import method_path
 
 log = logging.getLogger("loadtests")
 MODELS = ("cnn", "lstm", "autoencoder")
@@ -77,7 +84,12 @@ def _options(parser: Any) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--protocol", choices=[*PROTOCOLS, "mixed"], default=env("LOADTEST_PROTOCOL", V2_JSON),
-        help="v2-json, v2-binary, v1 or mixed (env LOADTEST_PROTOCOL)",
+        help="v2-json, v2-binary, v1, grpc or mixed (HTTP ones) (env LOADTEST_PROTOCOL)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--grpc-host", default=env("LOADTEST_GRPC_HOST", ""),
+        help="HOST:PORT of the gRPC port for --protocol grpc (default: --host's host, port "
+        "8001) (env LOADTEST_GRPC_HOST)",
     )  # fmt: skip
     parser.add_argument(
         "--rows", type=int, default=int(env("LOADTEST_ROWS", "1")),
@@ -113,7 +125,7 @@ def _select_user_class(environment: Any, **_: Any) -> None:
     if options is None or isinstance(environment.runner, WorkerRunner) or options.user_classes:
         return
     wanted = {"cnn": CnnUser, "lstm": LstmUser, "autoencoder": AutoencoderUser, "mixed": MixedUser}
-    chosen = wanted.get(options.model, ModelUser)
+    chosen = GrpcUser if options.protocol == GRPC else wanted.get(options.model, ModelUser)
     if chosen in environment.user_classes:
         environment.user_classes[:] = [chosen]
 
@@ -296,6 +308,94 @@ class MixedUser(_InferenceUser):
     @task
     def mixed(self) -> None:
         self.infer(random.choices(self.models, self.weights)[0])
+
+
+class _GrpcAnswer:
+    """What the timing listener reads of an answer: its Server-Timing, from the trailers."""
+
+    def __init__(self, trailing: Any) -> None:
+        self.headers = {k: v for k, v in trailing or () if k == "server-timing"}
+
+
+class GrpcFailure(Exception):
+    """A wrong or failed gRPC answer (what `ModelTraffic.check` found)."""
+
+
+_GEVENT_READY = False
+
+
+class GrpcUser(User):
+    """Served models over gRPC (`--protocol grpc`): pre-serialized ModelInfer requests on one
+    channel per user; `--model` names one model, or `mixed` draws by the `--mix` weights. The
+    models' metadata comes from --host (HTTP), as for the other users."""
+
+    wait_time = constant(0)
+
+    def setup(self) -> None:
+        global _GEVENT_READY
+        import grpc
+
+        if not _GEVENT_READY:  # gRPC's blocking calls yield to other users' greenlets
+            import grpc.experimental.gevent as grpc_gevent
+
+            grpc_gevent.init_gevent()
+            _GEVENT_READY = True
+        options = self.environment.parsed_options
+        model = str(getattr(options, "model", "cnn"))
+        mix = parse_mix(getattr(options, "mix", DEFAULT_MIX)) if model == "mixed" else {model: 1}
+        self.models, self.weights = tuple(mix), list(mix.values())
+        self.rows = int(getattr(options, "rows", 1))
+        if self.rows < 1:
+            raise ValueError(f"--rows must be at least 1, got {self.rows}")
+        self.traffic = {m: traffic(self.host, m, options) for m in self.models}
+        for model_traffic in self.traffic.values():
+            model_traffic.can_send(GRPC, self.rows)
+        target = grpc_target(self.host, getattr(options, "grpc_host", ""))
+        unlimited = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        self.channel = grpc.insecure_channel(target, options=unlimited)
+        self.call = self.channel.unary_unary(method_path("ModelInfer"))
+        self.rpc_error = grpc.RpcError
+
+    def on_start(self) -> None:
+        try:
+            self.setup()
+        except (RuntimeError, OSError, ValueError) as exc:
+            model = getattr(self.environment.parsed_options, "model", "?")
+            log.error("cannot load test %s over gRPC: %s", model, exc)
+            self.environment.events.request.fire(
+                request_type="SETUP", name="grpc setup", response_time=0, response_length=0,
+                exception=exc, context={},
+            )  # fmt: skip
+            runner, options = self.environment.runner, self.environment.parsed_options
+            if getattr(options, "headless", False) and not isinstance(runner, WorkerRunner):
+                gevent.spawn(runner.quit)
+            raise StopUser() from exc
+
+    def on_stop(self) -> None:
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.close()
+
+    @task
+    def infer(self) -> None:
+        """One ModelInfer call with rows drawn from the model's inputs; the answer checked."""
+        model = random.choices(self.models, self.weights)[0]
+        model_traffic = self.traffic[model]
+        payload = random.choice(model_traffic.pool(GRPC, self.rows, _rng))
+        start_time, start = time.time(), time.perf_counter()
+        trailing: Any = ()
+        try:
+            content, call = self.call.with_call(payload.body, timeout=30.0)
+            status, trailing = GRPC_OK, call.trailing_metadata()
+        except self.rpc_error as exc:
+            status, content = exc.code().value[0], (exc.details() or "").encode()
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        problem = model_traffic.check(GRPC, payload.rows, status, content)
+        self.environment.events.request.fire(
+            request_type="gRPC", name=f"{model} grpc", response_time=elapsed_ms,
+            response_length=len(content), exception=GrpcFailure(problem) if problem else None,
+            context={}, response=_GrpcAnswer(trailing), start_time=start_time,
+        )  # fmt: skip
 
 
 def _steps() -> list[int]:

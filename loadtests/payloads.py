@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import string
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,17 @@ import numpy as np
 import orjson
 
 from service.codec import NP_TYPES, encode_request
+from service.grpc import messages as grpc_messages
+from service.grpc.tensors import infer_request
 from service.model_config import SAMPLES_FILE, latest_version_dir
 
-#: The ways a request can be sent: v2 JSON tensors, v2 binary tensors, v1 `instances`.
-V2_JSON, V2_BINARY, V1 = "v2-json", "v2-binary", "v1"
-PROTOCOLS = (V2_JSON, V2_BINARY, V1)
+#: The ways a request can be sent: v2 JSON tensors, v2 binary tensors, v1 `instances` (HTTP),
+#: and gRPC's ModelInfer with raw tensors (`mixed` draws from the HTTP ones only).
+V2_JSON, V2_BINARY, V1, GRPC = "v2-json", "v2-binary", "v1", "grpc"
+HTTP_PROTOCOLS = (V2_JSON, V2_BINARY, V1)
+PROTOCOLS = (*HTTP_PROTOCOLS, GRPC)
+#: gRPC's status code value for success (loadtests report gRPC answers by this number).
+GRPC_OK = 0
 HEADER_LENGTH = "inference-header-content-length"
 #: Where request inputs come from: samples.npz if there is one, else random (auto), or forced.
 INPUT_SOURCES = ("auto", "samples", "random")
@@ -49,7 +56,9 @@ STRING_LENGTHS = (1, 12)
 
 @dataclass(frozen=True, slots=True)
 class Payload:
-    """One ready-to-send request: path, body, headers, and how many rows it carries."""
+    """One ready-to-send request: path, body, headers, and how many rows it carries. For gRPC
+    the path is the method's (`/inference.GRPCInferenceService/ModelInfer`) and the body the
+    serialized ModelInferRequest."""
 
     path: str
     body: bytes
@@ -92,6 +101,9 @@ def make_payload(
             "Inference-Header-Content-Length": str(head),
         }
         return Payload(path, body, headers, count)
+    if protocol == GRPC:
+        body = infer_request(model, inputs).SerializeToString()
+        return Payload(grpc_messages.method_path("ModelInfer"), body, {}, count)
     raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
 
 
@@ -264,6 +276,15 @@ def parse_server_timing(header: str | None) -> dict[str, float]:
     return timings
 
 
+def grpc_target(host: str, given: str = "") -> str:
+    """HOST:PORT of the gRPC port: `given` (a `grpc://` prefix is dropped), else the HTTP host's
+    name with Triton's default gRPC port."""
+    if given:
+        return given.removeprefix("grpc://").rstrip("/")
+    name = urllib.parse.urlsplit(host).hostname or "127.0.0.1"
+    return f"[{name}]:8001" if ":" in name else f"{name}:8001"
+
+
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -356,16 +377,16 @@ class ModelTraffic:
 
     @property
     def protocols(self) -> tuple[str, ...]:
-        """The protocols this model can be sent: v1 `instances` are rows, so it needs a batch
-        axis."""
-        return PROTOCOLS if self.batched else (V2_JSON, V2_BINARY)
+        """The HTTP protocols this model can be sent (what `mixed` draws from): v1 `instances`
+        are rows, so it needs a batch axis."""
+        return HTTP_PROTOCOLS if self.batched else (V2_JSON, V2_BINARY)
 
     def can_send(self, protocol: str, rows: int) -> None:
         """ValueError, saying why, if requests of `rows` rows cannot go in `protocol` ("mixed":
-        any protocol the model takes)."""
+        any HTTP protocol the model takes)."""
         if protocol != "mixed" and protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-        if protocol not in (*self.protocols, "mixed"):
+        if protocol not in (*self.protocols, GRPC, "mixed"):
             raise ValueError(
                 f"model '{self.name}' has no batch axis: v1 `instances` need one; use "
                 f"{' or '.join(self.protocols)}"
@@ -418,18 +439,23 @@ class ModelTraffic:
     ) -> str | None:
         """None when the answer is right for a request of `rows` rows, else what is wrong.
 
-        Right means: HTTP 200; v2: every output the metadata lists, with its datatype, `rows`
-        rows (a model without a batch axis: its whole shape), its fixed dimensions and as many
-        values (or bytes) as the shape says; v1: one prediction per row carrying the task's
-        fields (no task: every output). `header_length` is the answer's
-        Inference-Header-Content-Length header (binary outputs).
+        Right means: HTTP 200 (gRPC: status GRPC_OK); v2 and gRPC: every output the metadata
+        lists, with its datatype, `rows` rows (a model without a batch axis: its whole shape),
+        its fixed dimensions and as many values (or bytes) as the shape says; v1: one
+        prediction per row carrying the task's fields (no task: every output).
+        `header_length` is the answer's Inference-Header-Content-Length header (binary
+        outputs). For gRPC, `status` is the status code's number and `content` the serialized
+        ModelInferResponse (on failure: the status details).
         """
-        if status != 200:
+        ok = GRPC_OK if protocol == GRPC else 200
+        if status != ok:
             text = (content or b"")[:200].decode("utf-8", "replace")
-            return f"HTTP {status}: {text}"
+            return f"{'gRPC status' if protocol == GRPC else 'HTTP'} {status}: {text}"
         try:
             if protocol == V1:
                 return self._check_v1(rows, content)
+            if protocol == GRPC:
+                return self._check_grpc(rows, content)
             return self._check_v2(rows, header_length, content)
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
             return f"malformed answer: {type(exc).__name__}: {exc}"
@@ -451,32 +477,58 @@ class ModelTraffic:
     def _check_v2(self, rows: int, n: str | None, content: bytes) -> str | None:
         head = orjson.loads(content[: int(n)] if n else content)
         blob_size = len(content) - int(n) if n else 0
-        got = {t["name"]: t for t in head.get("outputs") or []}
+        return self._check_tensors("v2", rows, head.get("outputs") or [], blob_size)
+
+    def _check_grpc(self, rows: int, content: bytes) -> str | None:
+        """A ModelInferResponse: its tensors as v2 JSON heads (raw sizes as binary_data_size,
+        typed contents as data) checked by the same rules."""
+        try:
+            answer = grpc_messages.ModelInferResponse.FromString(content)
+        except Exception as exc:  # protobuf's DecodeError
+            raise ValueError(f"not a ModelInferResponse: {exc}") from None
+        raw = answer.raw_output_contents
+        tensors: list[dict[str, Any]] = []
+        for i, t in enumerate(answer.outputs):
+            tensor = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+            if raw:
+                tensor["parameters"] = {"binary_data_size": len(raw[i]) if i < len(raw) else 0}
+            else:
+                field = t.contents.ListFields()
+                tensor["data"] = list(field[0][1]) if field else []
+            tensors.append(tensor)
+        return self._check_tensors("gRPC", rows, tensors, sum(len(r) for r in raw))
+
+    def _check_tensors(
+        self, what: str, rows: int, tensors: list[dict[str, Any]], blob_size: int
+    ) -> str | None:
+        got = {t["name"]: t for t in tensors}
         specs = {o["name"]: o for o in self.metadata["outputs"]}
         if set(got) != set(specs):
-            return f"v2: outputs {sorted(got)}, metadata lists {sorted(specs)}"
+            return f"{what}: outputs {sorted(got)}, metadata lists {sorted(specs)}"
         binary_total = 0
         for name, spec in specs.items():
             tensor, shape, want = got[name], got[name]["shape"], spec["shape"]
             if tensor["datatype"] != spec["datatype"]:
                 got_type, want_type = tensor["datatype"], spec["datatype"]
-                return f"v2: output '{name}' is {got_type}, metadata says {want_type}"
+                return f"{what}: output '{name}' is {got_type}, metadata says {want_type}"
             fixed = want[1:] if self.batched else want
             dims_ok = len(shape) == len(want) and all(
                 w in (-1, g) for w, g in zip(fixed, shape[len(want) - len(fixed) :], strict=True)
             )
             if not dims_ok or (self.batched and shape[0] != rows):
                 expected = f"{want} with {rows} rows" if self.batched else f"{want}"
-                return f"v2: output '{name}' has shape {shape}; expected {expected}"
+                return f"{what}: output '{name}' has shape {shape}; expected {expected}"
             count = math.prod(shape)
             size = (tensor.get("parameters") or {}).get("binary_data_size")
             if size is not None:
                 binary_total += size
                 itemsize = NP_TYPES[spec["datatype"]].itemsize
                 if spec["datatype"] != "BYTES" and size != count * itemsize:
-                    return f"v2: output '{name}' of shape {shape} has {size} bytes"
+                    return f"{what}: output '{name}' of shape {shape} has {size} bytes"
             elif len(tensor.get("data") or []) != count:
-                return f"v2: output '{name}' of shape {shape} has {len(tensor['data'])} values"
+                return f"{what}: output '{name}' of shape {shape} has {len(tensor['data'])} values"
         if binary_total != blob_size:
-            return f"v2: {blob_size} bytes of binary data, the header accounts for {binary_total}"
+            return (
+                f"{what}: {blob_size} bytes of binary data, the outputs account for {binary_total}"
+            )
         return None

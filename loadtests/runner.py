@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 
 from loadtests import report
-from loadtests.payloads import V2_JSON, parse_mix, parse_shapes, traffic_for, unknown_shapes
+from loadtests.payloads import GRPC, V2_JSON, parse_mix, parse_shapes, traffic_for, unknown_shapes
 from loadtests.prom import metric_delta, parse_metrics, server_view
 from loadtests.serverproc import ServerNotReady, free_port, serve_command, start, stop, wait_ready
 from loadtests.timing import read_timings, summarize
@@ -66,6 +66,7 @@ class LoadSpec:
     processes: int = 1
     mix: str | None = None
     reset_stats: bool = False  # drop the ramp-up from Locust's statistics
+    grpc_url: str | None = None  # HOST:PORT of the gRPC port (--protocol grpc)
 
     @property
     def run_time_s(self) -> float:
@@ -95,6 +96,8 @@ def locust_command(spec: LoadSpec, out: Path) -> tuple[list[str], dict[str, str]
         env.pop(name, None)
     if spec.mix:
         cmd += ["--mix", spec.mix]
+    if spec.grpc_url:
+        cmd += ["--grpc-host", spec.grpc_url]
     if spec.processes > 1:
         cmd += ["--processes", str(spec.processes)]
     if spec.reset_stats:
@@ -231,10 +234,36 @@ def fetch(url: str, timeout: float = 10.0) -> bytes:
         raise LoadTestError(f"cannot reach {url}: {exc}") from None
 
 
+def grpc_ready(target: str, timeout_s: float = 10.0) -> None:
+    """LoadTestError unless the gRPC port at `target` (HOST:PORT) answers ServerReady: ready."""
+    import grpc
+
+    from service.grpc import messages as pb
+
+    with grpc.insecure_channel(target) as channel:
+        ready = channel.unary_unary(
+            pb.method_path("ServerReady"),
+            request_serializer=pb.ServerReadyRequest.SerializeToString,
+            response_deserializer=pb.ServerReadyResponse.FromString,
+        )
+        try:
+            answer = ready(pb.ServerReadyRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise LoadTestError(
+                f"no gRPC server at {target}: {exc.code().name} {exc.details()} (--grpc-url)"
+            ) from None
+    if not answer.ready:
+        raise LoadTestError(f"the gRPC server at {target} is not ready")
+
+
 def preflight(spec: LoadSpec) -> dict[str, str]:
     """Fail early, with the reason, if the server, a model or its inputs are not there, or the
     requests asked for cannot be built; where each model's inputs come from."""
     fetch(f"{spec.url}/v2/health/ready")
+    if spec.protocol == GRPC:
+        if not spec.grpc_url:
+            raise LoadTestError("--protocol grpc needs the server's gRPC port (--grpc-url)")
+        grpc_ready(spec.grpc_url)
     sources, metadata = {}, []
     for model in spec.models():
         metadata.append(json.loads(fetch(f"{spec.url}/v2/models/{model}")))
@@ -251,17 +280,22 @@ def preflight(spec: LoadSpec) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def local_server(repository: Path, log: Path, args: list[str] | None = None) -> Iterator[str]:
-    """`onnxserve serve` on a free loopback port until ready; yields its URL, stops it after."""
+def local_server(
+    repository: Path, log: Path, args: list[str] | None = None, grpc: bool = False
+) -> Iterator[tuple[str, str | None]]:
+    """`onnxserve serve` on a free loopback port until ready; yields its URL and, with `grpc`,
+    the HOST:PORT of its gRPC port (else None); stops it after."""
     port = free_port()
+    grpc_port = next(p for p in iter(free_port, None) if p != port) if grpc else 0
     url = f"http://127.0.0.1:{port}"
-    process = start(serve_command(repository, *(args or []), port=port), log)
+    cmd = serve_command(repository, *(args or []), port=port, grpc_port=grpc_port)
+    process = start(cmd, log)
     try:
         try:
             wait_ready(process, f"{url}/v2/health/ready", log, poll_s=0.3)
         except ServerNotReady as exc:
             raise LoadTestError(f"the local server did not start: {exc}") from None
-        yield url
+        yield url, f"127.0.0.1:{grpc_port}" if grpc else None
     finally:
         stop(process)
 

@@ -36,13 +36,18 @@ def free_port() -> int:
 
 
 def serve_command(
-    repository: Path, *args: str, port: int | None = None, host: str = "127.0.0.1"
+    repository: Path,
+    *args: str,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    grpc_port: int = 0,
 ) -> list[str]:
     """`onnxserve serve` on `repository` with this interpreter, plus `args` (without `port`,
-    the caller adds `--port`)."""
+    the caller adds `--port`). gRPC is off unless `grpc_port` names a port: servers started
+    side by side must not all reach for Triton's default 8001."""
     cmd = [sys.executable, "-m", "service.cli", "serve", "--repository", str(repository)]
     cmd += ["--host", host, *([] if port is None else ["--port", str(port)])]
-    return [*cmd, *args]
+    return [*cmd, "--grpc-port", str(grpc_port), *args]
 
 
 def answers_200(url: str, timeout: float = 2.0) -> bool:

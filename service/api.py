@@ -27,6 +27,7 @@ from service.schemas import (
     ServerMetadata,
     TensorMetadata,
 )
+from service.workerstate import Follower
 
 EXTENSIONS = [
     "model_repository",
@@ -41,7 +42,13 @@ def get_repository(request: Request) -> Repository:
     return request.app.state.repository
 
 
+def get_follower(request: Request) -> Follower | None:
+    """A worker's view of the other workers (`--workers`); None in a single process."""
+    return getattr(request.app.state, "follower", None)
+
+
 RepositoryDep = Annotated[Repository, Depends(get_repository)]
+FollowerDep = Annotated[Follower | None, Depends(get_follower)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 403, 404, 413, 503, 504)
@@ -66,15 +73,18 @@ def live() -> Readiness:
 
 
 @server.get("/health/ready", response_model=Readiness, responses={503: {"model": Readiness}})
-def ready(repo: RepositoryDep) -> Any:
-    if repo.all_ready():
+def ready(repo: RepositoryDep, follower: FollowerDep) -> Any:
+    """Ready when every model that should serve does (and, with --workers, in every worker)."""
+    others = follower.problems() if follower is not None else []
+    if repo.all_ready() and not others:
         return Readiness(ready=True)
-    body = Readiness(ready=False, error="; ".join(repo.problems()) or "models are loading")
+    problems = [] if repo.all_ready() else repo.problems()
+    body = Readiness(ready=False, error="; ".join(problems + others) or "models are loading")
     return JSONResponse(body.model_dump(), status_code=503)
 
 
 # -- models ----------------------------------------------------------------------------------
-def _metadata(repo: Repository, model: LoadedModel) -> ModelMetadata:
+def metadata_of(repo: Repository, model: LoadedModel) -> ModelMetadata:
     config = model.config
     params: dict[str, Any] = {
         "provider": model.runtime.provider,
@@ -107,7 +117,7 @@ def _metadata(repo: Repository, model: LoadedModel) -> ModelMetadata:
     )
 
 
-def _stats(repo: Repository, name: str | None, version: str | None) -> dict[str, Any]:
+def stats_of(repo: Repository, name: str | None, version: str | None) -> dict[str, Any]:
     if name is None:
         chosen = [m for versions in repo.loaded.values() for m in versions.values()]
     elif version is None:
@@ -121,17 +131,17 @@ def _stats(repo: Repository, name: str | None, version: str | None) -> dict[str,
 
 @models.get("/stats", summary="Statistics of every loaded model (Triton's statistics extension)")
 def all_stats(repo: RepositoryDep) -> dict[str, Any]:
-    return _stats(repo, None, None)
+    return stats_of(repo, None, None)
 
 
 @models.get("/{model}", response_model=ModelMetadata)
 def model_metadata(model: str, repo: RepositoryDep) -> ModelMetadata:
-    return _metadata(repo, repo.get(model))
+    return metadata_of(repo, repo.get(model))
 
 
 @models.get("/{model}/versions/{version}", response_model=ModelMetadata)
 def version_metadata(model: str, version: str, repo: RepositoryDep) -> ModelMetadata:
-    return _metadata(repo, repo.get(model, version))
+    return metadata_of(repo, repo.get(model, version))
 
 
 def _readiness(repo: Repository, model: str, version: str | None) -> ModelReadiness:
@@ -163,12 +173,12 @@ def version_config(model: str, version: str, repo: RepositoryDep) -> dict[str, A
 
 @models.get("/{model}/stats", summary="Statistics of a model's loaded versions")
 def model_stats(model: str, repo: RepositoryDep) -> dict[str, Any]:
-    return _stats(repo, model, None)
+    return stats_of(repo, model, None)
 
 
 @models.get("/{model}/versions/{version}/stats", summary="Statistics of one version")
 def version_stats(model: str, version: str, repo: RepositoryDep) -> dict[str, Any]:
-    return _stats(repo, model, version)
+    return stats_of(repo, model, version)
 
 
 # -- inference (served by the fast lane when it is on; same code path) ------------------------
@@ -243,7 +253,7 @@ def repository_index(repo: RepositoryDep, body: IndexRequest | None = None) -> l
     return entries
 
 
-def _model_control(repo: Repository) -> None:
+def check_model_control(repo: Repository) -> None:
     """The load/unload API works in explicit mode only (as Triton's)."""
     mode = repo.settings.model_control_mode
     if mode == "none":
@@ -260,17 +270,17 @@ def _model_control(repo: Repository) -> None:
 
 
 @repository.post("/models/{model}/load", response_model=LoadResult)
-async def load_model(model: str, repo: RepositoryDep) -> LoadResult:
-    _model_control(repo)
-    loaded = await repo.load(model)
+async def load_model(model: str, repo: RepositoryDep, follower: FollowerDep) -> LoadResult:
+    check_model_control(repo)
+    loaded = await (follower.load(model) if follower is not None else repo.load(model))
     state = "READY" if all(m.ready for m in loaded) else "UNAVAILABLE"
     return LoadResult(name=model, versions=[str(m.version) for m in loaded], state=state)
 
 
 @repository.post("/models/{model}/unload", response_model=LoadResult)
-async def unload_model(model: str, repo: RepositoryDep) -> LoadResult:
-    _model_control(repo)
-    await repo.unload(model)
+async def unload_model(model: str, repo: RepositoryDep, follower: FollowerDep) -> LoadResult:
+    check_model_control(repo)
+    await (follower.unload(model) if follower is not None else repo.unload(model))
     return LoadResult(name=model, versions=[], state="UNLOADED")
 
 

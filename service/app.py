@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from service import __version__
+from service import __version__, workerstate
 from service.api import ROUTERS
 from service.config import Settings, get_settings
 from service.dataplane import DataPlane, error_answer
@@ -64,12 +64,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         poller = None
         if settings.model_control_mode == "poll":
             poller = asyncio.create_task(repository.poll_forever(), name="repository-poll")
+        grpc_server = None
+        if settings.grpc_port:  # same loop, dataplane and guard as HTTP (service/grpc)
+            from service.grpc import server as grpc_serving
+
+            assert app.guard is not None
+            grpc_server = await grpc_serving.start(settings, dataplane, app.guard, app.state)
+        app.state.follower = await workerstate.follow(settings, repository)  # --workers only
         yield
+        if grpc_server is not None:  # admitted calls finish before the batchers close
+            await grpc_serving.stop(grpc_server, settings.graceful_timeout_s)
         if poller is not None:
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
         await jobs.stop()  # before the batchers close; live jobs stay live for the next start
+        await workerstate.unfollow(app.state.follower)
         await repository.close()
 
     app = OnnxServe(

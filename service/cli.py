@@ -36,9 +36,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.app import create_app
     from service.config import Settings, get_settings
-    from service.httpserver import serve
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     settings = get_settings(**given)
@@ -46,7 +44,29 @@ def _serve(args: argparse.Namespace) -> int:
         where = settings.repository
         print(f"no model repository at {where}: run `onnxserve build`", file=sys.stderr)
         return 2
+    from service.workers import supervise, worker_count
+
+    workers = worker_count(settings)
+    if workers > 1:  # before anything imports prometheus_client (its multiprocess mode)
+        return supervise(settings, workers)
+    from service.app import create_app
+    from service.httpserver import serve
+
+    settings = settings.model_copy(update={"workers": 1})
     return serve(create_app(settings), settings)
+
+
+def _workers(text: str) -> int | str:
+    """`--workers`: a count, or `auto`."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of workers >= 1 or auto, got {text!r}")
+    return count
 
 
 def _csv(text: str) -> list[str]:
@@ -60,6 +80,10 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--grpc-port", type=int, help="gRPC port (default 8001, as Triton's; 0: off)")
+    s.add_argument(
+        "--workers", type=_workers, metavar="N|auto",
+        help="server processes on one port (default 1; auto: one per core, 1 on a GPU)",
+    )  # fmt: skip
     s.add_argument("--models", type=_csv, help="comma-separated models to load (default: all)")
     s.add_argument("--version-policy", choices=["latest", "all"], help="default: latest")
     s.add_argument(
@@ -85,6 +109,7 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
         help="run each request on its own",
     )  # fmt: skip
     s.add_argument("--max-body-bytes", type=int)
+    s.add_argument("--max-json-body-bytes", type=int, help="JSON bodies (default 2 MiB)")
     s.add_argument("--max-rows", type=int, help="rows per request (default 4096)")
     s.add_argument("--max-elements", type=int, help="elements per request, all inputs together")
     s.add_argument("--max-dim", type=int, help="length of each dynamic non-batch axis")

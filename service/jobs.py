@@ -5,12 +5,24 @@ submits work to the model's batcher as BACKGROUND, in pieces of at most `max_bat
 two in flight, so an online request never waits behind a large job batch. Jobs run one at a time
 (`jobs_concurrency`); their records live in `<jobs_root>/.onnxserve-jobs/<id>.json`, so a job that
 was queued or running when the server stopped resumes from its manifest when it starts again.
+
+With `--workers N` (a worker state folder is set) the workers share the records and run each
+job once: a worker runs a job only while it holds the job's flock (`<id>.lock`) and one of
+`jobs_concurrency` slot flocks (`slot-<k>.lock`), so the limit is the server's, not each
+worker's. The worker that receives a job claims it at once if a slot is free; every worker
+scans the live records every `SCAN_S` and claims those whose lock is free, oldest first: a
+queued job waiting for a slot, or a running job whose worker died (the kernel released its
+lock), which then resumes from its manifest. The owner saves the record after every chunk, and
+`/v1/jobs` reads the records from disk, so every worker answers the same. A cancel that reaches
+another worker leaves a marker (`<id>.cancel`) that the owner acts on within `SCAN_S`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
 import uuid
 from enum import StrEnum
@@ -35,14 +47,17 @@ from service.repository import LoadedModel, Repository
 from service.runtime import ModelRunError
 from service.scoring.engine import Arrays, BadInput, Infer, run
 from service.scoring.plan import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_ROWS, Plan, prepare
-from service.scoring.writer import Manifest, write_atomic
+from service.scoring.writer import TMP_PREFIX, Manifest, write_atomic
 from service.security import ANONYMOUS_CALLER, Caller
+from service.workerstate import flock, try_lock
 
 log = logging.getLogger(__name__)
 STATE_DIR = ".onnxserve-jobs"
 NAME_MAX, PATH_MAX = 255, 4096  # bytes per path component, characters per path (Linux)
 IN_FLIGHT = 2  # batcher pieces per job at once
 RETRIES = 100  # a busy queue refuses background work: wait and retry, this many times in a row
+SCAN_S = 0.5  # --workers: how often a worker looks for jobs to claim and cancel markers
+CANCEL_WAIT_S = 10.0  # --workers: how long a cancel waits for another worker's job to stop
 
 
 class JobState(StrEnum):
@@ -98,6 +113,12 @@ class JobManager:
         self._tasks: dict[str, asyncio.Task] = {}
         self._slots = asyncio.Semaphore(settings.jobs_concurrency)
         self._stopping = False
+        # --workers: records shared on disk, jobs claimed through locks (module docstring)
+        self.shared = settings.worker_state_dir is not None
+        self._concurrency = settings.jobs_concurrency
+        self._held: dict[str, tuple[int, int]] = {}  # job id -> (job lock, slot lock) fds
+        self._scanner: asyncio.Task | None = None
+        self._finished: set[str] = set()  # ids of records seen in a final state
 
     # -- paths and records -------------------------------------------------------------------
     def _inside(self, given: str, what: str) -> Path:
@@ -133,6 +154,25 @@ class JobManager:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.state_dir / f"{job.id}.json", job.model_dump_json(indent=2).encode())
 
+    def _record(self, job_id: str) -> Job | None:
+        """A job's record on disk (None: absent or unreadable)."""
+        try:
+            return Job.model_validate_json((self.state_dir / f"{job_id}.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def _records(self) -> list[Job]:
+        """Every readable record on disk (--workers: the jobs of all workers)."""
+        if self.root is None or not self.state_dir.is_dir():
+            return []
+        found = []
+        for path in self.state_dir.glob("*.json"):
+            if not path.name.startswith(TMP_PREFIX):
+                job = self._record(path.stem)
+                if job is not None:
+                    found.append(job)
+        return found
+
     def _plan(self, job: Job) -> Plan:
         model = self.repository.get(job.model, str(job.resolved_version))
         return prepare(
@@ -160,24 +200,34 @@ class JobManager:
             exc.message = self._relative(exc.message)
             raise
         job.total_rows = plan.reader.rows
-        busy = [j.id for j in self.jobs.values() if j.state in LIVE
-                and self._inside(j.output, "output") == output]  # fmt: skip
-        if busy:  # checked after the await, so two submits cannot both pass
-            raise Conflict(f"job {busy[0]} is writing to {spec.output!r}; cancel it or wait")
-        self._save(job)
+        if self.shared:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            with flock(self.state_dir / "submit.lock"):  # two workers cannot both pass
+                self._queue(job, output, self._records())
+            self._claim(job.id)
+            return job
+        self._queue(job, output, list(self.jobs.values()))
         self._start(job)
         return job
 
+    def _queue(self, job: Job, output: Path, known: list[Job]) -> None:
+        busy = [j.id for j in known if j.state in LIVE
+                and self._inside(j.output, "output") == output]  # fmt: skip
+        if busy:  # checked after the await, so two submits cannot both pass
+            raise Conflict(f"job {busy[0]} is writing to {job.output!r}; cancel it or wait")
+        self._save(job)
+
     def get(self, job_id: str, caller: Caller = ANONYMOUS_CALLER) -> Job:
         """A job by id (404 if unknown, or if it is another caller's and `caller` is no admin)."""
-        job = self.jobs.get(job_id)
+        job = self._record(job_id) if self.shared and self.root else self.jobs.get(job_id)
         if job is None or not (caller.admin or job.owner == caller.name):
             raise NotFound(f"no job '{job_id}'")
         return job
 
     def all(self, caller: Caller = ANONYMOUS_CALLER) -> list[Job]:
         """The jobs `caller` may see (an admin sees every job), oldest first."""
-        mine = [j for j in self.jobs.values() if caller.admin or j.owner == caller.name]
+        known = self._records() if self.shared else list(self.jobs.values())
+        mine = [j for j in known if caller.admin or j.owner == caller.name]
         return sorted(mine, key=lambda j: j.created)
 
     async def cancel(self, job_id: str, caller: Caller = ANONYMOUS_CALLER) -> Job:
@@ -187,13 +237,42 @@ class JobManager:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.wait([task])
+            return self.jobs[job_id]
+        if self.shared and job.state in LIVE:
+            return await self._cancel_elsewhere(job)
         return job
 
+    async def _cancel_elsewhere(self, job: Job) -> Job:
+        """--workers: cancel a job that this worker does not run (marker, or its lock)."""
+        (self.state_dir / f"{job.id}.cancel").touch()
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while time.monotonic() < deadline:
+            fd = try_lock(self.state_dir / f"{job.id}.lock")
+            if fd is not None:  # nobody runs it: cancel it here
+                try:
+                    current = self._record(job.id) or job
+                    if current.state in LIVE:
+                        current.state, current.finished = JobState.CANCELLED, time.time()
+                        self._save(current)
+                    (self.state_dir / f"{job.id}.cancel").unlink(missing_ok=True)
+                    return current
+                finally:
+                    os.close(fd)
+            current = self._record(job.id) or job
+            if current.state not in LIVE:
+                return current
+            await asyncio.sleep(0.05)
+        return self._record(job.id) or job
+
     async def resume(self) -> None:
-        """Load the records on disk and restart the jobs that were queued or running."""
+        """Load the records on disk and restart the jobs that were queued or running
+        (--workers: scan for jobs to claim from now on)."""
+        if self.shared and self.root is not None:
+            self._scanner = asyncio.create_task(self._scan_forever(), name="jobs-scan")
+            return
         if self.root is None or not self.state_dir.is_dir():
             return
-        for path in sorted(self.state_dir.glob("*.json")):
+        for path in sorted(self.state_dir.glob("[!_]*.json")):  # not the writer's _tmp- files
             try:
                 job = Job.model_validate_json(path.read_bytes())
             except ValueError as exc:
@@ -207,18 +286,96 @@ class JobManager:
     async def stop(self) -> None:
         """At shutdown: stop every job, leaving the live ones to resume at the next start."""
         self._stopping = True
+        if self._scanner is not None:
+            self._scanner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scanner
         tasks = [t for t in self._tasks.values() if not t.done()]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
 
+    # -- claiming (--workers) ----------------------------------------------------------------
+    async def _scan_forever(self) -> None:
+        while True:
+            try:
+                self._scan()
+            except Exception:  # a scan must never stop scanning
+                log.exception("scanning the job records failed")
+            await asyncio.sleep(SCAN_S)
+
+    def _scan(self) -> None:
+        """Cancel own jobs that have a marker; claim live jobs whose lock is free, oldest first."""
+        for job_id, task in list(self._tasks.items()):
+            if (self.state_dir / f"{job_id}.cancel").exists():
+                task.cancel()
+        live = sorted(self._live_records(), key=lambda j: j.created)
+        for job in live:
+            if job.id not in self._tasks and not self._stopping:
+                self._claim(job.id)
+
+    def _live_records(self) -> list[Job]:
+        """The queued and running records (a finished record never changes: read once)."""
+        live = []
+        for path in self.state_dir.glob("*.json"):
+            if path.stem in self._finished or path.name.startswith(TMP_PREFIX):
+                continue
+            job = self._record(path.stem)
+            if job is not None and job.state in LIVE:
+                live.append(job)
+            elif job is not None:
+                self._finished.add(job.id)
+        return live
+
+    def _claim(self, job_id: str) -> bool:
+        """Run a live job here if its lock and a slot are free; whether it now runs here."""
+        if job_id in self._tasks or self._stopping:
+            return job_id in self._tasks
+        lock = try_lock(self.state_dir / f"{job_id}.lock")
+        if lock is None:
+            return False
+        job = self._record(job_id)  # read under the lock: the last owner's final word
+        slot = None
+        if job is not None and job.state in LIVE:
+            locks = (try_lock(self.state_dir / f"slot-{k}.lock") for k in range(self._concurrency))
+            slot = next((fd for fd in locks if fd is not None), None)
+        marker = self.state_dir / f"{job_id}.cancel"
+        if job is not None and slot is not None and marker.exists():  # cancelled while unowned
+            job.state, job.finished = JobState.CANCELLED, time.time()
+            self._save(job)
+            marker.unlink(missing_ok=True)
+        if job is None or slot is None or job.state not in LIVE:
+            for fd in (lock, slot):
+                if fd is not None:
+                    os.close(fd)
+            return False
+        self._held[job_id] = (lock, slot)
+        log.info("job %s runs in worker pid %d (%s on %s)", job_id, os.getpid(), job.model,
+                 job.input)  # fmt: skip
+        self._start(job)
+        return True
+
+    def _release(self, job_id: str) -> None:
+        """After a job's task ends here: drop its cancel marker and let go of its locks."""
+        held = self._held.pop(job_id, None)
+        if held is not None:
+            if not self._stopping:
+                (self.state_dir / f"{job_id}.cancel").unlink(missing_ok=True)
+            for fd in held:
+                os.close(fd)
+
     # -- running ----------------------------------------------------------------------------
     def _start(self, job: Job) -> None:
         self.jobs[job.id] = job
         task = asyncio.get_running_loop().create_task(self._run(job), name=f"job-{job.id}")
         self._tasks[job.id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
+
+        def done(_: asyncio.Task) -> None:
+            self._tasks.pop(job.id, None)
+            self._release(job.id)
+
+        task.add_done_callback(done)
 
     async def _run(self, job: Job) -> None:
         try:
@@ -254,6 +411,8 @@ class JobManager:
                 m.errors,
             )
             job.rows_per_s = round((m.rows_done - resumed) / (time.perf_counter() - began), 1)
+            if self.shared:  # other workers answer from the record
+                self._save(job)
 
         summary = await run(plan, self._infer(job), concurrency=IN_FLIGHT, progress=progress)
         job.rows_done, job.scored, job.errors = summary.rows, summary.scored, summary.errors

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -49,6 +50,7 @@ from service.versions import parse_version
 
 log = logging.getLogger(__name__)
 
+LISTING_TTL_S = 1.0  # how old the listing behind 404s may be
 #: A file's identity for change detection: (size, mtime in ns); None when absent.
 Stamp = tuple[int, int] | None
 
@@ -151,8 +153,18 @@ class Repository:
         self._failures: dict[str, dict[int | None, _Failure]] = {}
         self._seen: dict[tuple[str, int], Stamp] = {}  # model file stamps at the last poll
         self._locks: dict[str, asyncio.Lock] = {}
+        self._listing: frozenset[str] = frozenset()
+        self._listed_at = -LISTING_TTL_S
 
     # -- discovery --------------------------------------------------------------------------
+    def known(self, name: str) -> bool:
+        """Whether `name` is a model of the repository, from a listing at most a second old: a
+        request for an unknown model must not cost a directory walk each (it answers 404)."""
+        now = time.monotonic()
+        if now - self._listed_at > LISTING_TTL_S:
+            self._listing, self._listed_at = frozenset(self.on_disk()), now
+        return name in self._listing or name in self._loaded
+
     def on_disk(self) -> list[str]:
         """Names of the model folders: those holding a config.json or a version folder."""
         if not self.root.is_dir():
@@ -230,9 +242,9 @@ class Repository:
         """The loaded version asked for (the highest by default); 404/400/503 otherwise."""
         versions = self._loaded.get(name)
         if not versions:
-            if name in self.on_disk():
+            if self.known(name):
                 raise Unavailable(self._why_not_loaded(name))
-            known = ", ".join(sorted(set(self.on_disk()) | set(self._loaded))) or "none"
+            known = ", ".join(sorted(self._listing | set(self._loaded))) or "none"
             raise NotFound(f"unknown model '{name}' (models: {known})")
         if version is None or version == "":
             model = versions[max(versions)]
@@ -404,7 +416,7 @@ class Repository:
             if new.get(version) is not model:
                 await model.close()
         for model in new.values():  # after the old ones let go of the same label sets
-            model.metrics.pending.set_function(partial(getattr, model.batcher, "depth"))
+            model.metrics.track_pending(partial(getattr, model.batcher, "depth"))
             model.metrics.set_provider(model.runtime.provider, model.runtime.fallback_reason or "")
         log.info("serving %s versions %s", name, sorted(new))
 

@@ -18,6 +18,10 @@ from loadtests.serverproc import free_port, serve_command
 from service.model_config import CONFIG_FILE, MODEL_FILE, SAMPLES_FILE, latest_version_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+# Apps built in-process (create_app with its lifespan) would all reach for gRPC's default port
+# 8001, which other test runs or a dev server on this machine may hold: off unless a test asks
+# (run_server(..., grpc=True) passes --grpc-port, which wins over the environment).
+os.environ.setdefault("ONNXSERVE_GRPC_PORT", "0")
 REPOSITORY = Path(os.environ.get("ONNXSERVE_TEST_REPOSITORY", ROOT / "model_repository"))
 MODELS = ("cnn", "lstm", "autoencoder")
 #: Models of `foreign_repository`: ONNX files alone (no config.json, no task, no samples.npz).
@@ -50,6 +54,7 @@ class Server:
     url: str
     process: subprocess.Popen
     log: Path
+    grpc: str | None = None  # host:port of its gRPC port, when it was asked for one
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -57,13 +62,22 @@ class Server:
 
 @contextlib.contextmanager
 def run_server(
-    repository: Path, tmp: Path, *args: str, env: dict[str, str] | None = None
+    repository: Path,
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    grpc: bool = False,
 ) -> Iterator[Server]:
-    """`onnxserve serve` in a subprocess on a free loopback port, until ready; stopped after."""
+    """`onnxserve serve` in a subprocess on a free loopback port, until ready; stopped after.
+    gRPC is off unless `grpc` (then on a free port too: `Server.grpc`)."""
     port = free_port()
+    grpc_port = next(p for p in iter(free_port, None) if p != port) if grpc else 0
     log = tmp / f"server-{port}.log"
-    process = serverproc.start(serve_command(repository, *args, port=port), log, env=env)
+    cmd = serve_command(repository, *args, port=port, grpc_port=grpc_port)
+    process = serverproc.start(cmd, log, env=env)
     server = Server(f"http://127.0.0.1:{port}", process, log)
+    if grpc:
+        server.grpc = f"127.0.0.1:{grpc_port}"
     try:
         try:
             serverproc.wait_ready(process, f"{server.url}/v2/health/ready", log, timeout_s=90)
@@ -76,9 +90,11 @@ def run_server(
 
 @pytest.fixture(scope="session")
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One real server over the real repository, shared by the end-to-end tests."""
+    """One real server over the real repository, shared by the end-to-end tests (gRPC too, at
+    `server.grpc`)."""
     tmp = tmp_path_factory.mktemp("server")
-    with run_server(repository, tmp, env={"ONNXSERVE_MAX_BODY_BYTES": "2000000"}) as s:
+    env = {"ONNXSERVE_MAX_BODY_BYTES": "2000000"}
+    with run_server(repository, tmp, env=env, grpc=True) as s:
         yield s
 
 

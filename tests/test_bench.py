@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 
 from loadtests.bench.cells import SERVERS, display_order, plan, server_command
 from loadtests.bench.cpu import foreign_cpu_pct, parse_cpu_list, parse_cpu_times, parse_proc_stat
+from loadtests.bench.grpcload import grpc_command, read_manifest
+from loadtests.bench.grpcload import summary as grpc_summary
 from loadtests.bench.payloads import manifest_text, request_rows
 from loadtests.bench.render import render_docs, render_markdown
 from loadtests.bench.targets import (
@@ -21,9 +24,11 @@ from loadtests.bench.targets import (
     find_cell,
 )
 from loadtests.bench.wrk import BENCH_JSON, LUA_SCRIPT, parse_wrk_output
-from loadtests.payloads import V1, V2_BINARY, V2_JSON, make_payload
+from loadtests.payloads import GRPC, V1, V2_BINARY, V2_JSON, make_payload
 from loadtests.prom import counter_total, mean_batch_size, parse_samples
 from service.codec import decode_request
+from service.grpc import messages as pb
+from service.grpc.tensors import decode_request as decode_grpc
 
 pytestmark = pytest.mark.unit
 
@@ -115,7 +120,30 @@ def test_v1_payload_holds_one_instance_per_row():
 
 def test_unknown_protocol_is_refused():
     with pytest.raises(ValueError):
-        make_payload("cnn", "grpc", {"image": np.zeros((1, 1), np.float32)})
+        make_payload("cnn", "thrift", {"image": np.zeros((1, 1), np.float32)})
+
+
+def test_grpc_payload_is_a_serialized_model_infer_request_in_the_manifest(tmp_path: Path):
+    x = np.arange(2 * 784, dtype=np.float32).reshape(2, 1, 28, 28)
+    payload = make_payload("cnn", GRPC, {"image": x})
+    assert payload.path == "/inference.GRPCInferenceService/ModelInfer" and payload.headers == {}
+    request = decode_grpc(pb.ModelInferRequest.FromString(payload.body))
+    np.testing.assert_array_equal(request.inputs["image"], x)
+    (tmp_path / "b").write_bytes(payload.body)
+    (tmp_path / "m.tsv").write_text(manifest_text([(payload.path, tmp_path / "b", {})]))
+    assert read_manifest(tmp_path / "m.tsv") == [(payload.path, payload.body)]
+
+
+def test_grpc_generator_summary_reads_as_wrks():
+    errors = {"connect": 0, "read": 0, "write": 0, "status": 2, "timeout": 1}
+    doc = grpc_summary([100.0, 300.0, 200.0, 400.0], 2.0, 1234, errors)
+    parsed = parse_wrk_output("chatter\n" + BENCH_JSON + json.dumps(doc) + "\n")
+    assert parsed["requests"] == 4 and parsed["rps"] == pytest.approx(2.0)
+    assert parsed["non2xx"] == 2 and parsed["socket_errors"] == 1
+    assert parsed["latency_us"]["p50"] == pytest.approx(250.0)
+    assert parsed["latency_us"]["max"] == 400.0
+    cmd = grpc_command("127.0.0.1:1", Path("m.tsv"), 64, 8, "1")
+    assert cmd[:3] == ["taskset", "-c", "1"] and cmd[-4:] == ["--calls", "64", "--seconds", "8"]
 
 
 def test_request_rows_wrap_round_the_samples():
@@ -277,6 +305,8 @@ def test_targets_compare_the_right_cells():
             ("onnxserve", "cnn", V2_JSON, 64, 1, on): 4000.0,
             ("onnxserve", "cnn", V2_BINARY, 64, 1, on): 4700.0,
             ("onnxserve", "cnn", V2_BINARY, 16, 32, on): 1500.0,  # 48,000 samples/s
+            ("onnxserve", "cnn", GRPC, 64, 1, on): 5170.0,
+            ("onnxserve", "cnn", GRPC, 16, 32, on): 1400.0,  # 44,800 samples/s
             ("onnxserve", "lstm", V2_JSON, 64, 1, on): 1800.0,
             ("onnxserve", "lstm", V2_JSON, 64, 1, off): 1000.0,
         }
@@ -288,6 +318,10 @@ def test_targets_compare_the_right_cells():
     assert targets["cnn_64c_binary_rps"]["status"] == "FAIL"
     assert targets["cnn_32row_ceiling"]["value"] == pytest.approx(0.75)
     assert targets["cnn_32row_ceiling"]["status"] == "PASS"
+    assert targets["cnn_64c_grpc_rps"]["value"] == pytest.approx(1.1)
+    assert targets["cnn_64c_grpc_rps"]["status"] == "PASS"
+    assert targets["cnn_32row_grpc_ceiling"]["value"] == pytest.approx(0.7)
+    assert targets["cnn_32row_grpc_ceiling"]["status"] == "PASS"
     assert targets["lstm_64c_json_batching"]["value"] == pytest.approx(1.8)
     assert targets["lstm_64c_json_batching"]["status"] == "PASS"
     assert targets["cnn_64c_json_p99"]["value"] == pytest.approx(1.0)
@@ -375,6 +409,11 @@ def test_plan_measures_compared_cells_side_by_side():
     base = labels.index(f"baseline cnn {V2_JSON} rows=1 conns=64")
     assert labels[base + 1] == f"onnxserve[batching on] cnn {V2_JSON} rows=1 conns=64"
     assert labels[base + 2] == f"onnxserve[batching off] cnn {V2_JSON} rows=1 conns=64"
+    grpc = labels.index(f"onnxserve[batching on] cnn {GRPC} rows=1 conns=64")
+    assert labels[grpc - 2] == f"onnxserve[batching on] cnn {V1} rows=1 conns=64"
+    big = labels.index(f"onnxserve[batching on] cnn {GRPC} rows=32 conns=16")
+    assert labels[big - 1] == f"onnxserve[batching on] cnn {V2_BINARY} rows=32 conns=16"
+    assert {s.batching for s in specs if s.protocol == GRPC} == {"on"}
 
 
 def test_report_order_groups_cells_by_server():

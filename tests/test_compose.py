@@ -112,8 +112,8 @@ def test_services_and_profiles():
 @unit
 def test_ports():
     ports = {name: s.get("ports", []) for name, s in SERVICES.items()}
-    assert ports["server"] == ["8000:8000"]
-    assert ports["server-gpu"] == ["8001:8000"]
+    assert ports["server"] == ["8000:8000", "8001:8001"]  # REST, gRPC
+    assert ports["server-gpu"] == ["8002:8000", "8003:8001"]
     assert ports["locust-master"] == ["8089:8089"]
     assert ports["prometheus"] == ["9090:9090"]
     assert ports["locust-worker"] == []  # scaled with --scale: no fixed host port

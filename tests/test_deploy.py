@@ -468,7 +468,8 @@ def test_ports_and_probe_paths_are_the_servers(monkeypatch):
         settings = server_settings(folder, container, monkeypatch)
         assert settings.host == "0.0.0.0", rel(folder)
         ports = {p.get("name", p["containerPort"]): p["containerPort"] for p in container["ports"]}
-        assert list(ports.values()) == [settings.port], rel(folder)
+        want = [settings.port] + ([settings.grpc_port] if "grpc" in ports else [])
+        assert list(ports.values()) == want, rel(folder)
         probes = {
             k: container[k]["httpGet"] for k in ("startupProbe", "readinessProbe", "livenessProbe")
         }
@@ -485,7 +486,8 @@ def test_the_service_reaches_the_container_port():
         pod = deployment["spec"]["template"]
         assert doc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
         names = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
-        assert [p["targetPort"] for p in doc["spec"]["ports"]] == ["http"] and "http" in names
+        targets = [p["targetPort"] for p in doc["spec"]["ports"]]
+        assert targets == ["http", "grpc"] and set(targets) <= names
 
 
 def test_the_image_is_the_dockerfiles_and_compose_files(monkeypatch):
@@ -496,7 +498,7 @@ def test_the_image_is_the_dockerfiles_and_compose_files(monkeypatch):
         flavour = container["image"].split(":")[1]
         path = ROOT / "docker" / ("Dockerfile" if flavour == "cpu" else "Dockerfile.gpu")
         runtime = next(s for s in dockerfile(path) if s.name == "runtime")
-        exposed = [int(a) for k, a in runtime.instructions if k == "EXPOSE"]
+        exposed = [int(p) for k, a in runtime.instructions if k == "EXPOSE" for p in a.split()]
         if "ports" in container and folder != DEPLOY / "kserve":  # KServe's port is 8080
             assert [p["containerPort"] for p in container["ports"]] == exposed
         useradd = " ".join(a for k, a in runtime.instructions if k == "RUN" and "useradd" in a)

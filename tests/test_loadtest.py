@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import orjson
@@ -19,6 +20,9 @@ import pytest
 
 from loadtests import capacity, report
 from loadtests.payloads import (
+    GRPC,
+    GRPC_OK,
+    HTTP_PROTOCOLS,
     INT_HIGH,
     PROTOCOLS,
     RANDOM_ROWS,
@@ -27,6 +31,7 @@ from loadtests.payloads import (
     V2_BINARY,
     V2_JSON,
     ModelTraffic,
+    grpc_target,
     parse_mix,
     parse_server_timing,
     parse_shapes,
@@ -39,6 +44,9 @@ from loadtests.prom import batch_histogram, metric_delta, parse_metrics, server_
 from loadtests.runner import LoadSpec, LocustRun, warnings_for
 from loadtests.timing import TimingLog
 from service.codec import decode_request as decode_v2
+from service.grpc import messages as pb
+from service.grpc.tensors import decode_request as decode_grpc
+from service.grpc.tensors import encode_response as encode_grpc
 from service.model_config import CONFIG_FILE
 from tests.conftest import FOREIGN, MODELS, ROOT, samples
 
@@ -58,6 +66,9 @@ def metadata(repository: Path, model: str) -> dict:
 
 def decode_request(payload) -> np.ndarray:
     """The rows a request carries, read back the way the server reads them."""
+    if payload.path == pb.method_path("ModelInfer"):
+        request = decode_grpc(pb.ModelInferRequest.FromString(payload.body))
+        return next(iter(request.inputs.values()))
     n = payload.headers.get("Inference-Header-Content-Length")
     if n:
         head = orjson.loads(payload.body[: int(n)])
@@ -116,8 +127,10 @@ def test_payloads_carry_held_out_rows_in_every_protocol(repository, model):
             for row in rows:  # every row is one of the real samples, bit for bit
                 assert any(np.array_equal(row, s) for s in samples)
         paths = {p.path for p in pool}
-        assert paths == {f"/v1/models/{model}:predict" if protocol == "v1" else
-                         f"/v2/models/{model}/infer"}  # fmt: skip
+        assert paths == {
+            V1: {f"/v1/models/{model}:predict"},
+            GRPC: {"/inference.GRPCInferenceService/ModelInfer"},
+        }.get(protocol, {f"/v2/models/{model}/infer"})
     assert traffic.pool(V2_JSON, 3, rng) is traffic.pool(V2_JSON, 3, rng)  # cached
 
 
@@ -191,7 +204,7 @@ def test_random_inputs_take_each_inputs_datatype_and_shape():
 @unit
 def test_random_requests_decode_as_the_server_reads_them(tmp_path):
     traffic = traffic_for(FOREIGN_META, tmp_path, "auto", {"series": [5, 3]})
-    assert traffic.source.startswith("random") and traffic.protocols == PROTOCOLS
+    assert traffic.source.startswith("random") and traffic.protocols == HTTP_PROTOCOLS
     rng = np.random.default_rng(3)
     for protocol in (V2_JSON, V2_BINARY):
         payload = traffic.pool(protocol, 2, rng, size=2)[0]
@@ -294,6 +307,25 @@ def test_answer_check_accepts_right_answers_and_names_what_is_wrong(repository):
     assert traffic.check(V1, 2, 200, good_v1) is None
     assert "expected 3 predictions" in traffic.check(V1, 3, 200, good_v1)
     assert "lacks" in traffic.check(V1, 1, 200, b'{"predictions": [{"score": 1.0}]}')
+
+
+@unit
+def test_grpc_answer_check(repository):
+    meta = metadata(repository, "cnn")
+    traffic = ModelTraffic(meta, samples(repository, "cnn"))
+    outputs = [("probabilities", np.zeros((4, 10), np.float32)), ("label", np.zeros(4, np.int64))]
+    for raw in (True, False):
+        answer = encode_grpc("cnn", "2", outputs, None, {}, raw=raw).SerializeToString()
+        assert traffic.check(GRPC, 4, GRPC_OK, answer) is None
+        assert "gRPC: output 'probabilities' has shape [4, 10]" in traffic.check(GRPC, 3, 0, answer)
+    short = encode_grpc("cnn", "2", outputs[:1], None, {}).SerializeToString()
+    assert "metadata lists" in traffic.check(GRPC, 4, GRPC_OK, short)
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert traffic.check(GRPC, 1, code, b"queue is full") == "gRPC status 8: queue is full"
+    assert "malformed answer" in traffic.check(GRPC, 1, GRPC_OK, b"\xff\xff")
+    assert grpc_target("http://example.com:8000") == "example.com:8001"
+    assert grpc_target("http://[::1]:8000") == "[::1]:8001"
+    assert grpc_target("http://h:8000", "grpc://h:9001/") == "h:9001"
 
 
 @unit
@@ -497,7 +529,7 @@ def test_checks_pass_on_the_servers_real_answers(server, repository, model):
     meta = httpx.get(f"{server.url}/v2/models/{model}").json()
     traffic = ModelTraffic(meta, samples(repository, model))
     rng = np.random.default_rng(2)
-    for protocol in PROTOCOLS:
+    for protocol in HTTP_PROTOCOLS:
         payload = traffic.pool(protocol, 2, rng, size=1)[0]
         answer = httpx.post(server.url + payload.path, content=payload.body,
                             headers=payload.headers)  # fmt: skip
@@ -506,6 +538,33 @@ def test_checks_pass_on_the_servers_real_answers(server, repository, model):
         assert traffic.check(protocol, 3, answer.status_code, answer.content, length)
         timing = parse_server_timing(answer.headers["server-timing"])
         assert set(timing) == {"queue", "compute", "total"}
+    payload = traffic.pool(GRPC, 2, rng, size=1)[0]
+    with grpc.insecure_channel(server.grpc) as channel:
+        content, call = channel.unary_unary(payload.path).with_call(payload.body, timeout=30)
+    assert traffic.check(GRPC, 2, GRPC_OK, content) is None
+    timing = parse_server_timing(dict(call.trailing_metadata())["server-timing"])
+    assert set(timing) == {"queue", "compute", "total"}
+
+
+@e2e
+def test_headless_grpc_run_through_the_cli(server, repository, tmp_path):
+    out = tmp_path / "grpc-run"
+    done = run_cli(
+        "--url", server.url, "--grpc-url", f"grpc://{server.grpc}", "--repository",
+        str(repository), "--model", "mixed", "--protocol", "grpc", "--rows", "2", "--users", "2",
+        "--duration", "2s", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    total = summary["total"]
+    assert total["requests"] > 0 and total["failures"] == 0
+    assert {name for name in summary["endpoints"]} <= {f"{m} grpc" for m in MODELS}
+    assert summary["server"]["requests_succeeded"] >= total["requests"]
+    timing = summary["server_timing"]["total"]
+    assert timing["with_server_timing"] == timing["requests"] == total["requests"]
+    wrong = run_cli("--url", server.url, "--grpc-url", "127.0.0.1:9", "--protocol", "grpc",
+                    "--repository", str(repository), "--out", str(tmp_path / "x"))  # fmt: skip
+    assert wrong.returncode == 2 and "no gRPC server at 127.0.0.1:9" in wrong.stderr
 
 
 @e2e

@@ -148,7 +148,7 @@ def test_evaluate_holds_each_figure_against_its_target():
     assert held["refusals: p99 latency of 503s"] is True
     assert held["refusals without Retry-After"] is True
     assert held["liveness on a new connection, p99"] is True
-    assert held["health p99 (keep-alive) while 2 clients send maximal bodies"] is False
+    assert held["health p99 (keep-alive) while 3 clients send maximal bodies"] is False
     assert held["RSS after a maximal LSTM batch, above before"] is False
     assert held["gzip bomb: status, RSS change"] is True
     worse = {t.what: t.held for t in evaluate(_results(goodput=1000, live_p99_ms=1500))}

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import onnxruntime as ort
@@ -19,13 +20,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from service.grpc import messages as pb
+from service.grpc.tensors import encode_response as encode_grpc
 from service.model_config import CONFIG_FILE, MODEL_FILE, load_config
 from service.scoring import ScoringError
 from service.scoring.cli import main
 from service.scoring.engine import BadInput, score_chunk
 from service.scoring.plan import ModelInput
 from service.scoring.readers import make_chunk, npz_arrays
-from service.scoring.remote import remote_infer
+from service.scoring.remote import grpc_infer, remote_infer
 from service.scoring.writer import ERRORS, MANIFEST, SHAPES, result_table
 from tests.conftest import ROOT, latest_version, samples
 
@@ -295,6 +298,66 @@ def test_remote_scoring_equals_in_process(repository, server, tmp_path):
     assert_same_answers(read_output(remote), read_output(local))
     assert (remote / ERRORS).read_text() == (local / ERRORS).read_text()
     assert json.loads((remote / "_summary.json").read_text())["engine"] == "remote"
+
+
+@pytest.mark.e2e
+def test_remote_scoring_over_grpc_equals_in_process(repository, server, tmp_path):
+    """`--url grpc://`: Triton's ModelInfer on the server's gRPC port; the task's labels come
+    from its ModelConfig; a NaN row is refused (INVALID_ARGUMENT) and listed, as over HTTP."""
+    x = rows_of(repository, "cnn", 700)
+    x[5] = np.nan
+    list_parquet(tmp_path / "in.parquet", x)
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert score(repository, "cnn", tmp_path / "in.parquet", local, "--chunk-rows", 300) == 0
+    url = f"grpc://{server.grpc}"
+    code = score(repository, "cnn", tmp_path / "in.parquet", remote, "--chunk-rows", 300,
+                 "--url", url, "--concurrency", 3, "--batch-size", 64)  # fmt: skip
+    assert code == 0
+    assert_same_answers(read_output(remote), read_output(local))
+    assert (remote / ERRORS).read_text() == (local / ERRORS).read_text()
+    assert score(repository, "nope", tmp_path / "in.parquet", tmp_path / "x", "--url", url) == 2
+
+
+@pytest.mark.unit
+async def test_remote_grpc_retries_a_full_queue_after_its_hint_then_gives_the_outputs():
+    """grpc_infer against a real grpc.aio server whose ModelInfer refuses twice with the queue's
+    RESOURCE_EXHAUSTED and retry hint, then answers; INVALID_ARGUMENT is the rows' fault."""
+    calls = []
+
+    async def model_infer(request, context):
+        calls.append(request)
+        if request.model_name == "bad":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "non-finite")
+        if len(calls) < 3:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", (("retry-after", "0"),))
+        return encode_grpc("m", "1", [("y", np.array([1.5, 2.5], np.float32))], None, {})
+
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(
+        model_infer,
+        request_deserializer=pb.ModelInferRequest.FromString,
+        response_serializer=pb.ModelInferResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(pb.SERVICE, {"ModelInfer": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(
+                pb.method_path("ModelInfer"),
+                request_serializer=pb.ModelInferRequest.SerializeToString,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            out = await grpc_infer(call, "t", "m", "1", ["y"])({"x": np.zeros((2, 3), np.float32)})
+            np.testing.assert_array_equal(out["y"], [1.5, 2.5])
+            assert len(calls) == 3 and calls[-1].model_version == "1"
+            assert [o.name for o in calls[-1].outputs] == ["y"]
+            with pytest.raises(BadInput, match="non-finite"):
+                await grpc_infer(call, "t", "bad", "1", ["y"])({"x": np.zeros((1, 3), np.float32)})
+    finally:
+        await server.stop(0)
 
 
 @pytest.mark.unit

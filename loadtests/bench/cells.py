@@ -7,13 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtests.payloads import PROTOCOLS, V1, V2_BINARY, V2_JSON
+from loadtests.payloads import GRPC, PROTOCOLS, V1, V2_BINARY, V2_JSON
 from loadtests.serverproc import serve_command
 
 MODELS = ("cnn", "lstm")
 CONNECTIONS = (1, 16, 64)
 MODEL_PROTOCOLS = {"cnn": (V2_JSON, V2_BINARY, V1), "lstm": (V2_JSON, V2_BINARY)}
 BIG_ROWS, BIG_CONNECTIONS = 32, (1, 16)  # the multi-row requests, against the batch-32 ceiling
+#: Models measured over gRPC too (onnxserve, batching on; `conns` = concurrent calls on one
+#: HTTP/2 channel, from loadtests.bench.grpcload), beside their REST cells.
+GRPC_MODELS = ("cnn",)
 WRK_SATURATED_PCT = 90.0
 NOISY_PCT = 10.0  # other processes' share of the server's CPU above which a cell is marked noisy
 
@@ -52,7 +55,11 @@ def plan() -> list[CellSpec]:
             for protocol in MODEL_PROTOCOLS[model]:
                 for batching in ("on", "off"):
                     cells.append(CellSpec("onnxserve", model, protocol, conns, 1, batching))
-    cells += [CellSpec("onnxserve", "cnn", V2_BINARY, c, BIG_ROWS, "on") for c in BIG_CONNECTIONS]
+            if model in GRPC_MODELS:
+                cells.append(CellSpec("onnxserve", model, GRPC, conns, 1, "on"))
+    for conns in BIG_CONNECTIONS:
+        cells.append(CellSpec("onnxserve", "cnn", V2_BINARY, conns, BIG_ROWS, "on"))
+        cells.append(CellSpec("onnxserve", "cnn", GRPC, conns, BIG_ROWS, "on"))
     return cells
 
 

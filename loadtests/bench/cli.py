@@ -8,6 +8,8 @@ Measures, with the server pinned to one core and wrk (one thread) to another:
 - the FastAPI baseline (loadtests/baselines/fastapi_baseline.py), v2 JSON;
 - onnxserve with batching on and off: single-sample CNN and LSTM requests (v2 JSON, v2 binary,
   v1) at 1, 16 and 64 connections, and 32-row binary CNN requests;
+- onnxserve over gRPC (batching on): single-sample CNN calls at 1, 16 and 64 concurrent calls and
+  32-row CNN calls, from loadtests.bench.grpcload (wrk cannot speak gRPC) pinned where wrk is;
 then evaluates the targets and writes results.json, results.md and (full runs) docs/benchmarks.md.
 `--render results.json` redraws the markdown from a stored run without measuring.
 """
@@ -58,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--docs", type=Path, help="also write this docs page (full runs: docs/...)")
     p.add_argument("--no-docs", action="store_true", help="do not write the docs page")
     p.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="redraw markdown only")
+    p.add_argument("--scale", action="store_true", help="run the --workers scale benchmark instead "
+                   "(loadtests/bench/scale.py; its flags: --scale --help)")  # fmt: skip
     p.add_argument("--worker-inprocess", nargs=2, type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -83,7 +87,12 @@ def _progress(i: int, n: int, cell: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark (or the in-process worker, or a re-render)."""
+    """Run the benchmark (or the in-process worker, a re-render, or the scale benchmark)."""
+    given = sys.argv[1:] if argv is None else argv
+    if "--scale" in given:  # the --workers scale benchmark, with its own flags
+        from loadtests.bench.scale import main as scale
+
+        return scale([a for a in given if a != "--scale"])
     args = parse_args(argv)
     if args.worker_inprocess:
         return inprocess_worker(*args.worker_inprocess)
@@ -134,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             log = opts.out / "logs" / f"server-{kind}{suffix}.log"
             print(f"starting {kind}{suffix} on CPU {opts.server_cpus}", flush=True)
             cmd = server_command(kind, batching, repository, opts.threads)
+            onnxserve = kind == "onnxserve"
             servers[(kind, batching)] = stack.enter_context(
-                start_server(cmd, opts.server_cpus, log, kind == "onnxserve")
+                start_server(cmd, opts.server_cpus, log, onnxserve, grpc=batching == "on")
             )
         for spec in specs:
             cell = run_cell(spec, servers[(spec.server, spec.batching)], models[spec.model], opts)

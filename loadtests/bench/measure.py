@@ -1,5 +1,5 @@
-"""One load cell against a running server: preflight, warm-up, wrk, both processes' CPU and the
-server's mean batch size."""
+"""One load cell against a running server: preflight, warm-up, the load generator (wrk; for gRPC
+cells loadtests.bench.grpcload), both processes' CPU and the server's mean batch size."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from typing import Any
 
 from loadtests.bench.cells import NOISY_PCT, WRK_SATURATED_PCT, CellSpec
 from loadtests.bench.cpu import cpu_times, foreign_cpu_pct, parse_cpu_list, process_ticks
+from loadtests.bench.grpcload import grpc_command
 from loadtests.bench.models import ModelInfo
 from loadtests.bench.payloads import DISTINCT_BODIES, manifest_text, request_rows
-from loadtests.bench.wrk import parse_wrk_output, run_wrk
-from loadtests.payloads import Payload, make_payload
+from loadtests.bench.wrk import parse_wrk_output, run_generator, run_wrk
+from loadtests.payloads import GRPC, Payload, make_payload
 from loadtests.prom import mean_batch_size
 from loadtests.serverproc import free_port, serving
 
@@ -46,16 +47,25 @@ class Server:
     process: subprocess.Popen
     log: Path
     has_metrics: bool
+    grpc: str | None = None  # HOST:PORT of its gRPC port, if it has one
 
 
 @contextlib.contextmanager
-def start_server(cmd: list[str], cpus: str, log: Path, has_metrics: bool) -> Iterator[Server]:
-    """Start `cmd` (which must take --port) pinned to `cpus`; yield once /v2/health/ready is 200."""
+def start_server(
+    cmd: list[str], cpus: str, log: Path, has_metrics: bool, grpc: bool = False
+) -> Iterator[Server]:
+    """Start `cmd` (which must take --port, and --grpc-port with `grpc`) pinned to `cpus`; yield
+    once /v2/health/ready is 200."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [*cmd, "--port", str(port)]
+    target = None
+    if grpc:
+        grpc_port = next(p for p in iter(free_port, None) if p != port)
+        cmd += ["--grpc-port", str(grpc_port)]
+        target = f"127.0.0.1:{grpc_port}"
     with serving(cmd, log, f"{url}/v2/health/ready", cpus=cpus) as process:
-        yield Server(url, process, log, has_metrics)
+        yield Server(url, process, log, has_metrics, target)
 
 
 def check_payload(url: str, payload: Payload) -> str | None:
@@ -66,6 +76,22 @@ def check_payload(url: str, payload: Payload) -> str | None:
     head = payload.headers.get("Inference-Header-Content-Length")
     if head is not None and b"binary_data_size" not in body:
         return "preflight: binary outputs were asked for but not returned"
+    return None
+
+
+def check_grpc_payload(target: str, payload: Payload) -> str | None:
+    """None if the gRPC server answers the request OK with outputs; else what went wrong."""
+    import grpc
+
+    from service.grpc import messages as pb
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            answer = channel.unary_unary(payload.path)(payload.body, timeout=10)
+        except grpc.RpcError as exc:
+            return f"preflight answered {exc.code().name}: {exc.details()}"
+    if not pb.ModelInferResponse.FromString(answer).raw_output_contents:
+        return "preflight: raw outputs were expected but not returned"
     return None
 
 
@@ -110,22 +136,37 @@ def write_manifest(spec: CellSpec, info: ModelInfo, workdir: Path) -> tuple[Path
     return manifest, payloads[0]
 
 
+def _generate(
+    spec: CellSpec, server: Server, manifest: Path, seconds: int, cpus: str, log: Path
+) -> tuple[str, float, float]:
+    """wrk, or for a gRPC cell the asyncio generator, pinned to `cpus`: output, wall, CPU s."""
+    if spec.protocol == GRPC:
+        assert server.grpc is not None, "a gRPC cell needs a server with a gRPC port"
+        cmd = grpc_command(server.grpc, manifest, spec.conns, seconds, cpus)
+        return run_generator(cmd, seconds, log)
+    return run_wrk(server.url, manifest, spec.conns, seconds, cpus, log)
+
+
 def run_cell(spec: CellSpec, server: Server, info: ModelInfo, opts: Options) -> dict[str, Any]:
-    """Warm up, then measure one cell: wrk's figures, both processes' CPU, mean batch size."""
+    """Warm up, then measure one cell: the generator's figures, both processes' CPU, mean batch
+    size."""
     cell: dict[str, Any] = {**asdict(spec), "label": spec.label, "error": None}
     manifest, first = write_manifest(spec, info, opts.out)
     cell["body_bytes"] = len(first.body)
-    problem = check_payload(server.url, first)
+    if spec.protocol == GRPC:
+        problem = check_grpc_payload(server.grpc or "", first)
+    else:
+        problem = check_payload(server.url, first)
     if problem:
         cell["error"] = problem
         return cell
     logs = opts.out / "logs"
     slug = re.sub(r"[^a-z0-9]+", "-", spec.label.lower()).strip("-")
-    run_wrk(server.url, manifest, spec.conns, opts.warmup, opts.wrk_cpus, logs / f"{slug}.warm")
+    _generate(spec, server, manifest, opts.warmup, opts.wrk_cpus, logs / f"{slug}.warm")
     before = http(server.url + "/metrics")[1].decode() if server.has_metrics else ""
     ticks0, cpus0 = process_ticks(server.process.pid), cpu_times()
-    text, wall, wrk_cpu = run_wrk(
-        server.url, manifest, spec.conns, opts.seconds, opts.wrk_cpus, logs / f"{slug}.wrk"
+    text, wall, wrk_cpu = _generate(
+        spec, server, manifest, opts.seconds, opts.wrk_cpus, logs / f"{slug}.wrk"
     )
     server_ticks, cpus1 = process_ticks(server.process.pid) - ticks0, cpu_times()
     hz = os.sysconf("SC_CLK_TCK")

@@ -54,8 +54,9 @@ def render_markdown(results: dict[str, Any], level: int = 1) -> str:
         "|---|---:|---:|:---:|---|",
     ]
     for t in results["targets"]:
-        unit = "" if t["id"] == "cnn_32row_ceiling" else "×"
-        value = fmt(t["value"], ".0%") if t["id"] == "cnn_32row_ceiling" else fmt(t["value"], ".2f")
+        share = t["id"].endswith("_ceiling")  # a share of the ceiling, not a ratio
+        unit = "" if share else "×"
+        value = fmt(t["value"], ".0%") if share else fmt(t["value"], ".2f")
         goal = f"{t['op']} {t['threshold']:.0%}" if not unit else f"{t['op']} {t['threshold']}×"
         out.append(f"| {t['text']} | {value}{unit} | {goal} | **{t['status']}** | {t['note']} |")
 
@@ -97,16 +98,18 @@ def render_markdown(results: dict[str, Any], level: int = 1) -> str:
             )
     out += [
         "",
-        f"{h}# Over HTTP (wrk, closed loop)",
+        f"{h}# Over the network (closed loops: wrk for HTTP, loadtests.bench.grpcload for gRPC)",
         "",
+        "For gRPC cells *Conns* is concurrent calls on one HTTP/2 connection and *Client CPU* "
+        "the gRPC generator's. "
         "Ratios are against the baseline's v2 JSON cell with the same model and connections; "
         "*on/off* is batching on vs off. *Req/CPU-s* is requests per second of server CPU time. "
         "*Other CPU* is the share of the server's core that other processes took during the cell "
-        f"(† at ≥ {NOISY_PCT:.0f}%: the figures are disturbed). ⚠ marks wrk at "
+        f"(† at ≥ {NOISY_PCT:.0f}%: the figures are disturbed). ⚠ marks the load generator at "
         f"≥ {WRK_SATURATED_PCT:.0f}% CPU (generator-bound: a lower bound for the server).",
         "",
         "| Server | Model | Protocol | Rows | Conns | Req/s | Samples/s | p50 ms | p90 ms | "
-        "p99 ms | Errors | Mean batch | Server CPU | Req/CPU-s | Other CPU | wrk CPU | "
+        "p99 ms | Errors | Mean batch | Server CPU | Req/CPU-s | Other CPU | Client CPU | "
         "RPS × base | p99 × base | p50 × base | on/off |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         "---:|---:|",
@@ -179,6 +182,11 @@ request bodies, and each process's log.
 - wrk is a closed loop: each connection sends its next request when the last is answered, so its
   percentiles suffer coordinated omission; compare them between cells of the same run, not with
   an open-loop tool. Errors are wrk's non-2xx (status > 399) plus socket errors.
+- wrk cannot speak gRPC (HTTP/2), and `ghz` is not installable here, so the gRPC cells use
+  `loadtests.bench.grpcload`: the same closed loop in Python (grpc.aio on uvloop, one channel,
+  `-c` concurrent calls, pre-serialized requests sent as bytes), pinned where wrk is, reporting
+  wrk's fields. It costs more CPU per call than wrk: watch its ⚠. The gRPC cells run on the
+  batching-on server, right after the REST cells of the same model and connections.
 - Both processes' CPU time is read during each cell (`/proc/<pid>/stat` for the server, the
   child's rusage for wrk). A cell where wrk used ≥ 90% of its core is generator-bound and marked ⚠.
   The per-CPU counters of `/proc/stat` give the share of the server's core that *other*
@@ -198,6 +206,17 @@ def render_docs(results: dict[str, Any]) -> str:
     return DOC_INTRO + "## Results\n\n" + render_markdown(results, level=3)
 
 
+def _kept_scale_section(docs: Path) -> str:
+    """The --scale benchmark's section of an existing page (it has its own run), to keep."""
+    from loadtests.bench.scale import SECTION_BEGIN, SECTION_END
+
+    text = docs.read_text() if docs.is_file() else ""
+    start, end = text.find(SECTION_BEGIN), text.find(SECTION_END)
+    if start < 0 or end < start:
+        return ""
+    return "\n" + text[start : end + len(SECTION_END)] + "\n"
+
+
 def write_reports(results: dict[str, Any], out: Path, docs: Path | None) -> None:
     """results.json, results.md and, if asked, the docs page."""
     out.mkdir(parents=True, exist_ok=True)
@@ -205,4 +224,4 @@ def write_reports(results: dict[str, Any], out: Path, docs: Path | None) -> None
     (out / "results.md").write_text(render_markdown(results))
     if docs is not None:
         docs.parent.mkdir(parents=True, exist_ok=True)
-        docs.write_text(render_docs(results))
+        docs.write_text(render_docs(results) + _kept_scale_section(docs))

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from loadtests.bench.cells import BIG_CONNECTIONS, BIG_ROWS, NOISY_PCT, WRK_SATURATED_PCT
-from loadtests.payloads import V2_BINARY, V2_JSON
+from loadtests.payloads import GRPC, V2_BINARY, V2_JSON
 
 
 def find_cell(cells: list[dict[str, Any]], **fields: Any) -> dict[str, Any] | None:
@@ -100,6 +100,14 @@ TARGETS = (
         ">=",
         0.70,
     ),
+    Target("cnn_64c_grpc_rps", "CNN 64 concurrent gRPC calls: RPS vs v2 binary at 64", ">=", 1.0),
+    Target(
+        "cnn_32row_grpc_ceiling",
+        f"CNN {BIG_ROWS}-row gRPC, {BIG_CONNECTIONS[-1]} calls: samples/s vs in-process "
+        f"ceiling at batch {BIG_ROWS}",
+        ">=",
+        0.70,
+    ),
     Target("lstm_64c_json_batching", "LSTM 64 conns v2 JSON: batching on vs off (RPS)", ">=", 1.8),
     Target(
         "lstm_64c_binary_batching", "LSTM 64 conns v2 binary: batching on vs off (RPS)", ">=", 1.8
@@ -136,11 +144,16 @@ def _target_inputs(
     if target_id == "cnn_64c_binary_rps":
         cell = find_cell(cells, model="cnn", protocol=V2_BINARY, conns=64, **on)
         return ratio(rps_of(cell), rps_of(base64)), [cell, base64]
-    if target_id == "cnn_32row_ceiling":
+    if target_id == "cnn_64c_grpc_rps":
+        cell = find_cell(cells, model="cnn", protocol=GRPC, conns=64, **on)
+        binary = find_cell(cells, model="cnn", protocol=V2_BINARY, conns=64, **on)
+        return ratio(rps_of(cell), rps_of(binary)), [cell, binary]
+    if target_id in ("cnn_32row_ceiling", "cnn_32row_grpc_ceiling"):
+        protocol = GRPC if "_grpc_" in target_id else V2_BINARY
         cell = find_cell(
             cells,
             model="cnn",
-            protocol=V2_BINARY,
+            protocol=protocol,
             conns=BIG_CONNECTIONS[-1],
             rows=BIG_ROWS,
             **on,

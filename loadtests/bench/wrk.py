@@ -53,7 +53,12 @@ def run_wrk(
     url: str, manifest: Path, conns: int, seconds: int, cpus: str, log: Path
 ) -> tuple[str, float, float]:
     """Run wrk (one thread) pinned to `cpus`: its output, wall seconds and CPU seconds."""
-    cmd = wrk_command(url, manifest, conns, seconds, cpus)
+    return run_generator(wrk_command(url, manifest, conns, seconds, cpus), seconds, log)
+
+
+def run_generator(cmd: list[str], seconds: float, log: Path) -> tuple[str, float, float]:
+    """Run a load generator's command (killed 60 s past `seconds`): its output, wall seconds and
+    CPU seconds (its own rusage)."""
     with log.open("wb") as sink:
         start = time.perf_counter()
         process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)

@@ -68,7 +68,10 @@ def parser() -> argparse.ArgumentParser:
         "numeric column)",
     )
     p.add_argument("--max-error-ratio", type=_ratio, help="exit 1 when errors/rows exceeds this")
-    p.add_argument("--url", help="score through a running server (http://host:port)")
+    p.add_argument(
+        "--url", help="score through a running server: http://host:port, or grpc://host:port "
+        "for its gRPC port (Triton's ModelInfer)",
+    )  # fmt: skip
     p.add_argument("--concurrency", type=_positive, default=4, help="requests in flight (--url)")
     p.add_argument("--engine", choices=("local", "ray"), default="local")
     p.add_argument(
