@@ -98,6 +98,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._read_timer: asyncio.TimerHandle | None = None
+        self._waiting: str | None = None  # "headers" or "body" while a request is incomplete
         self._draining = False
 
     def _arm(self, seconds: float, what: str) -> None:
@@ -149,22 +150,33 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.resume_reading()
 
+    def data_received(self, data: bytes) -> None:
+        self._waiting = None
+        super().data_received(data)
+        # Timers only for what is still incomplete after this read: a request that arrived
+        # whole (the common case) costs no timer at all.
+        waiting = self._waiting
+        if waiting is not None and self._read_timer is None and not self.transport.is_closing():
+            self._arm(self.header_timeout_s if waiting == "headers" else self.body_timeout_s,
+                      waiting)  # fmt: skip
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._read_timer is None:
-            self._arm(self.header_timeout_s, "headers")
+        self._waiting = "headers"
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._waiting = None
         super().on_headers_complete()
         if self.cycle is not None:
             if self._draining:
                 self.cycle.keep_alive = False
             if self.cycle.more_body and self.parser.get_method() not in (b"GET", b"HEAD"):
-                self._arm(self.body_timeout_s, "body")
+                self._waiting = "body"
 
     def on_message_complete(self) -> None:
         self._disarm()
+        self._waiting = None
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
