@@ -43,8 +43,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +52,7 @@ import numpy as np
 
 from loadtests.bench.cpu import cpu_times, foreign_cpu_pct, parse_cpu_list, process_ticks
 from loadtests.bench.machine import load_average, machine_info
+from loadtests.bench.measure import http
 from loadtests.bench.payloads import manifest_text, request_rows
 from loadtests.bench.wrk import parse_wrk_output, run_wrk
 from loadtests.payloads import V2_JSON, Payload, make_payload
@@ -602,17 +601,6 @@ class RssPeak:
         self._thread.join()
 
 
-def get(url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-        timeout: float = 60) -> tuple[int, bytes]:  # fmt: skip
-    """GET (POST with a body): status and body."""
-    request = urllib.request.Request(url, data=body, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 @dataclass
 class Setup:
     """What the run uses: repository, CPUs, durations, and the server's settings."""
@@ -812,7 +800,7 @@ def measure_lstm_rss(setup: Setup, port: int, pid: int, repeats: int = 2) -> dic
     with RssPeak(pid) as peak:
         for _ in range(repeats):
             start = time.perf_counter()
-            status, _ = get(url, body, {"Content-Type": "application/json"}, timeout=120)
+            status, _ = http(url, body, {"Content-Type": "application/json"}, timeout=120)
             seconds.append(round(time.perf_counter() - start, 2))
             statuses.append(status)
     time.sleep(2.0)
@@ -820,7 +808,9 @@ def measure_lstm_rss(setup: Setup, port: int, pid: int, repeats: int = 2) -> dic
     inflated = 64 * setup.settings.max_body_bytes
     bomb = gzip.compress(b"0" * inflated, compresslevel=9)
     bomb_before = rss_mb(pid)
-    status, _ = get(url, bomb, {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    status, _ = http(
+        url, bomb, {"Content-Type": "application/json", "Content-Encoding": "gzip"}, timeout=60
+    )
     bomb_after = rss_mb(pid)
     return {
         "rows": rows,

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CEILING_BATCHES = {"cnn": (1, 8, 32, 128), "lstm": (1, 8, 32, 64)}
 
 
-def _rate(step: Callable[[], object], seconds: float) -> tuple[float, float]:
+def rate(step: Callable[[], object], seconds: float) -> tuple[float, float]:
     """Calls per second of `step`: (median, best) over ~0.1 s chunks for `seconds`."""
     for _ in range(3):
         step()
@@ -53,7 +53,7 @@ def _rate(step: Callable[[], object], seconds: float) -> tuple[float, float]:
 def _ceiling(runtime: Any, feeds: dict[str, np.ndarray], seconds: float) -> dict[str, float]:
     """ONNX Runtime alone on one batch: samples/s (median and best chunk), ms per batch."""
     batch = len(next(iter(feeds.values())))
-    median, best = _rate(lambda: runtime.run(feeds), seconds)
+    median, best = rate(lambda: runtime.run(feeds), seconds)
     return {
         "batch": batch,
         "samples_per_s": median * batch,
@@ -90,10 +90,10 @@ def _floor(
         return encode_response(name, version, [(k, a, binary) for k, a in out.items()])
 
     us = {
-        stage: 1e6 / _rate(step, seconds / 2)[0]
+        stage: 1e6 / rate(step, seconds / 2)[0]
         for stage, step in (("decode", decode), ("run", run), ("encode", encode))
     }
-    per_s = _rate(whole, seconds)[0]
+    per_s = rate(whole, seconds)[0]
     return {
         "protocol": V2_BINARY if binary else V2_JSON,
         "rows": rows,

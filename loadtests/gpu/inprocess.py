@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from loadtests.bench.inprocess import rate
 from loadtests.gpu.env import gpu_memory_mib
 from loadtests.gpu.parity import Model
 from service.model_config import MODEL_FILE
@@ -30,30 +30,6 @@ MODES: dict[str, dict[str, Any]] = {
 def rows_of(samples: np.ndarray, rows: int, offset: int = 0) -> np.ndarray:
     """`rows` consecutive real samples from `offset`, wrapping round."""
     return np.take(samples, (offset + np.arange(rows)) % len(samples), axis=0)
-
-
-def rate(step: Callable[[], object], seconds: float) -> tuple[float, float]:
-    """Calls per second of `step`: the median and best of ~0.1 s chunks over `seconds`."""
-    for _ in range(3):
-        step()
-    n, took = 1, 0.0
-    while True:
-        start = time.perf_counter()
-        for _ in range(n):
-            step()
-        took = time.perf_counter() - start
-        if took >= 0.02:
-            break
-        n *= 2
-    per_chunk = max(1, int(n * 0.1 / took))
-    rates: list[float] = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(rates) < 3:
-        start = time.perf_counter()
-        for _ in range(per_chunk):
-            step()
-        rates.append(per_chunk / (time.perf_counter() - start))
-    return statistics.median(rates), max(rates)
 
 
 def throughput(
