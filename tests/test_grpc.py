@@ -44,6 +44,11 @@ KEYS = {
 }
 
 
+def cnn_version(repository: Path) -> str:
+    """The CNN version the server serves (the highest built)."""
+    return latest_version(repository, "cnn").name
+
+
 def bearer(who: str) -> dict[str, str]:
     return {"authorization": f"Bearer {KEYS[who][0]}"}
 
@@ -129,9 +134,9 @@ def test_status_map():
 
 
 # -- every RPC through tritonclient ---------------------------------------------------------------
-def test_health_and_metadata_rpcs_answer_as_rest_does(served, client):
+def test_health_and_metadata_rpcs_answer_as_rest_does(served, client, repository):
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("cnn") and client.is_model_ready("cnn", "2")
+    assert client.is_model_ready("cnn") and client.is_model_ready("cnn", cnn_version(repository))
     fails_with(StatusCode.NOT_FOUND, client.is_model_ready, "nope")
     meta = client.get_server_metadata(as_json=True)
     rest = httpx.get(f"{served.url}/v2").json()
@@ -159,9 +164,9 @@ def test_model_config_and_statistics_equal_rests(served, client):
     assert {s.name for s in every.model_stats} >= {*MODELS, "iris"}
 
 
-def test_repository_index_and_model_control_refused_in_the_default_mode(client):
+def test_repository_index_and_model_control_refused_in_the_default_mode(client, repository):
     index = client.get_model_repository_index(as_json=True)["models"]
-    assert {"name": "cnn", "version": "2", "state": "READY"} in index
+    assert {"name": "cnn", "version": cnn_version(repository), "state": "READY"} in index
     for call in (client.load_model, client.unload_model):
         fails_with(StatusCode.PERMISSION_DENIED, call, "cnn", match="--model-control-mode")
     assert client.is_model_ready("cnn")
@@ -175,7 +180,7 @@ def test_cnn_lstm_and_autoencoder_answers_equal_in_process_onnxruntime(client, r
     np.testing.assert_allclose(result.as_numpy("probabilities"), want["probabilities"], atol=1e-6)
     np.testing.assert_array_equal(result.as_numpy("label"), want["label"])
     response = result.get_response()
-    assert response.id == "g-1" and response.model_version == "2"
+    assert response.id == "g-1" and response.model_version == cnn_version(repository)
     assert response.parameters["batch_size"].int64_param >= rows
 
     w = samples(repository, "lstm")[:rows, :52].astype(np.float32)
@@ -229,8 +234,9 @@ async def test_64_concurrent_calls_each_get_their_own_answer(served, repository)
 
 
 # -- refusals -----------------------------------------------------------------------------------
-def test_bad_requests_get_their_status_and_the_server_still_serves(served, client):
+def test_bad_requests_get_their_status_and_the_server_still_serves(served, client, repository):
     x = image(2)
+    v = cnn_version(repository)
     cases = [
         (StatusCode.INVALID_ARGUMENT, "FP64", ("cnn", [infer_input("image", x.astype(np.float64),
                                                                    "FP64")])),
@@ -255,7 +261,8 @@ def test_bad_requests_get_their_status_and_the_server_still_serves(served, clien
     assert client.infer("cnn", [infer_input("image", x, "FP32")]).as_numpy("label").shape == (2,)
     metrics = httpx.get(f"{served.url}/metrics").text
     assert (
-        'onnxserve_request_failure_total{model="cnn",reason="bad_request",version="2"}' in metrics
+        f'onnxserve_request_failure_total{{model="cnn",reason="bad_request",version="{v}"}}'
+        in metrics
     )
 
 
@@ -272,7 +279,7 @@ async def late_call(client: aioclient.InferenceServerClient, **kwargs) -> Except
     return None
 
 
-async def test_deadlines_map_to_deadline_exceeded(served):
+async def test_deadlines_map_to_deadline_exceeded(served, repository):
     async with aioclient.InferenceServerClient(served.grpc) as c:
         # Triton's `timeout` request parameter (microseconds) caps a call's time in the queue:
         # the server refuses it at its deadline, never run
@@ -287,7 +294,10 @@ async def test_deadlines_map_to_deadline_exceeded(served):
         answer = await c.infer("cnn", [infer_input("image", image(1), "FP32")])
         assert answer.as_numpy("label").shape == (1,)
     metrics = httpx.get(f"{served.url}/metrics").text
-    assert 'onnxserve_request_failure_total{model="cnn",reason="timeout",version="2"}' in metrics
+    v = cnn_version(repository)
+    assert (
+        f'onnxserve_request_failure_total{{model="cnn",reason="timeout",version="{v}"}}' in metrics
+    )
 
 
 def test_malformed_tensors_and_typed_contents_over_a_plain_channel(served, repository):
