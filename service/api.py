@@ -200,7 +200,6 @@ async def _infer(request: Request, kind: str, model: str, version: str | None) -
     answer = await answer_infer(
         request.app.state.dataplane, kind, model, version,
         {k.lower(): v for k, v in request.headers.items()}, request.receive,
-        request.app.state.settings.max_body_bytes,
     )  # fmt: skip
     return Response(answer.body, status_code=answer.status, headers=answer.headers)
 

@@ -105,5 +105,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.include_router(jobs_router)
     if settings.fast_lane:
-        app.fast_lane = FastLane(dataplane, settings.max_body_bytes)
+        app.fast_lane = FastLane(dataplane)
     return app

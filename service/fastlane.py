@@ -27,17 +27,16 @@ async def answer_infer(
     version: str | None,
     headers: dict[str, str],
     receive: Any,
-    max_body: int,
 ) -> Answer:
     """Admit, read the body and infer (shared with `api.py`). A request for an unknown model or
     a full queue is refused before its body is read."""
-    limit = max_body
+    limit = dataplane.max_body_bytes
     try:
         dataplane.admit(model, version)
-        limit = min(max_body, dataplane.body_limit(kind, headers))
+        limit = dataplane.body_limit(kind, headers)
         body = await read_body(receive, limit, headers.get("content-length"))
     except PayloadTooLarge as exc:  # over the JSON limit: say how to send more
-        error = PayloadTooLarge(json_too_large(limit)) if limit < max_body else exc
+        error = exc if limit == dataplane.max_body_bytes else PayloadTooLarge(json_too_large(limit))
         return error_answer(dataplane.failed(model, version, error))
     except ServeError as exc:
         return error_answer(dataplane.failed(model, version, exc))
@@ -50,9 +49,8 @@ async def answer_infer(
 class FastLane:
     """Answers the infer routes itself; `handle` returns False for every other request."""
 
-    def __init__(self, dataplane: DataPlane, max_body: int) -> None:
+    def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
-        self.max_body = max_body
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Serve `scope` if it is an infer route; False leaves it to FastAPI."""
@@ -66,7 +64,7 @@ class FastLane:
                 return False
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         answer = await answer_infer(
-            self.dataplane, kind, match["model"], match["version"], headers, receive, self.max_body
+            self.dataplane, kind, match["model"], match["version"], headers, receive
         )
         await send_answer(send, answer)
         return True

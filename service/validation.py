@@ -17,7 +17,7 @@ import numpy as np
 from service.codec import datatype_of
 from service.config import BatchingOverride, Settings
 from service.errors import BadRequest, PayloadTooLarge
-from service.model_config import ModelConfig
+from service.model_config import ModelConfig, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Bounds:
                 f"input '{name}' has datatype {datatype}; model '{config.name}' takes "
                 f"{spec.datatype}"
             )
-        check_shape(config, limits, name, shape)
+        check_shape(config, limits, spec, shape)
         if config.batchable and shape:
             if self.rows is not None and shape[0] != self.rows:
                 raise BadRequest("all inputs must have the same batch dimension (first axis)")
@@ -66,9 +66,11 @@ class Bounds:
             )
 
 
-def check_shape(config: ModelConfig, limits: Limits, name: str, shape: tuple[int, ...]) -> None:
+def check_shape(
+    config: ModelConfig, limits: Limits, spec: TensorSpec, shape: tuple[int, ...]
+) -> None:
     """Rank, fixed dimensions, batch rows and dynamic-axis lengths of one input."""
-    spec = next(s for s in config.inputs if s.name == name)
+    name = spec.name
     if len(shape) != len(spec.shape):
         raise BadRequest(
             f"input '{name}' has rank {len(shape)} (shape {list(shape)[:8]}"
