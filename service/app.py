@@ -15,7 +15,7 @@ from service.api import ROUTERS
 from service.config import Settings, get_settings
 from service.dataplane import DataPlane, error_answer
 from service.errors import ServeError, install_error_handlers
-from service.fastlane import FastLane
+from service.fastlane import DirectLane, FastLane
 from service.jobs import JobManager
 from service.jobs_api import router as jobs_router
 from service.metrics import Metrics
@@ -29,6 +29,7 @@ class OnnxServe(FastAPI):
     per-request machinery."""
 
     fast_lane: FastLane | None = None
+    direct_lane: DirectLane | None = None  # served by service.httpserver's protocol
     guard: Guard | None = None
     access_log = False
 
@@ -106,4 +107,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router)
     if settings.fast_lane:
         app.fast_lane = FastLane(dataplane)
+        app.direct_lane = DirectLane(dataplane, app.guard, settings.access_log)
     return app

@@ -57,11 +57,18 @@ class Pending:
     deadline: float
     gone: Callable[[], bool] | None = None
     taken: bool = False
+    timer: asyncio.TimerHandle | None = None  # its queue timeout, while it waits
 
 
 def _timed_out(item: Pending) -> QueueTimeout:
     waited_ms = (item.deadline - item.enqueued) * 1000
     return QueueTimeout(f"request waited over {waited_ms:.0f} ms in the queue and was not run")
+
+
+def _untime(item: Pending) -> None:
+    if item.timer is not None:
+        item.timer.cancel()
+        item.timer = None
 
 
 def batch_key(inputs: Arrays) -> tuple:
@@ -128,36 +135,54 @@ class Batcher:
         `gone()` is asked just before the request would join a batch: True (the client went
         away) drops it uncomputed with Cancelled.
         """
+        item = self.enqueue(inputs, priority, timeout_ms, gone)
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            if not item.taken:  # the caller gave up before compute: never run it
+                self.cancel(item)
+            raise
+
+    def enqueue(
+        self,
+        inputs: Arrays,
+        priority: int = ONLINE,
+        timeout_ms: float | None = None,
+        gone: Callable[[], bool] | None = None,
+    ) -> Pending:
+        """`submit` without a coroutine: queue one request; its `future` gets the BatchResult
+        (or the error). For callers that answer from a callback (the HTTP protocol's lane)."""
         self.admit()
         loop = self._loop
         assert loop is not None, "Batcher.start() was not called"
         rows = next(iter(inputs.values())).shape[0] if self.max_batch_size else 1
         now = time.perf_counter()
         timeout_s = (timeout_ms if timeout_ms is not None else self.timeout_ms) / 1000
-        future = loop.create_future()
-        item = Pending(inputs, rows, batch_key(inputs), future, now, now + timeout_s, gone)
+        item = Pending(inputs, rows, batch_key(inputs), loop.create_future(), now, now + timeout_s,
+                       gone)  # fmt: skip
         self._queues[priority].append(item)
         self._idle.clear()
         self._pump()
-        if item.taken:  # dispatched at once: no timer needed
-            return await future
-        timer = loop.call_later(timeout_s, self._expire, item)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if not item.taken:  # the caller gave up before compute: never run it
-                self._drop(item)
-            raise
-        finally:
-            timer.cancel()
+        if not item.taken:  # dispatched at once needs no timer
+            item.timer = loop.call_later(timeout_s, self._expire, item)
+        return item
+
+    def cancel(self, item: Pending) -> None:
+        """Take back a request that is still queued: it is never run."""
+        if not item.taken:
+            self._drop(item)
+            if not item.future.done():
+                item.future.cancel()
 
     def _expire(self, item: Pending) -> None:
         """Timer: a request still queued at its deadline gets 504 and is never run."""
+        item.timer = None
         if not item.taken and not item.future.done():
             self._drop(item)
             item.future.set_exception(_timed_out(item))
 
     def _drop(self, item: Pending) -> None:
+        _untime(item)
         for queue in self._queues:
             try:
                 queue.remove(item)
@@ -212,11 +237,14 @@ class Batcher:
             while queue:
                 item = queue.popleft()
                 if item.future.done():  # cancelled or timed out while queued
+                    _untime(item)
                     continue
                 if now > item.deadline + LATE_S:  # its timer is late: same answer
+                    _untime(item)
                     item.future.set_exception(_timed_out(item))
                     continue
                 if item.gone is not None and item.gone():
+                    _untime(item)
                     item.future.set_exception(Cancelled("client disconnected before compute"))
                     continue
                 if key is None:  # the head always goes, even when larger than a batch
@@ -234,6 +262,7 @@ class Batcher:
             queue.extend(kept)
         for item in batch:
             item.taken = True
+            _untime(item)
         return batch
 
     def _launch(self, batch: list[Pending]) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 
 from service import postprocess
-from service.batcher import ONLINE, BatchResult
+from service.batcher import ONLINE, BatchResult, Pending
 from service.codec import (
     HEADER_LENGTH,
     NP_TYPES,
@@ -46,6 +46,18 @@ class Answer:
     status: int
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class V2Call:
+    """A REST v2 request between its decode and its answer."""
+
+    name: str
+    version: str | None
+    model: LoadedModel
+    request: InferRequest
+    wanted: list[tuple[str, bool]]
+    start: float
 
 
 def error_answer(exc: ServeError) -> Answer:
@@ -178,6 +190,11 @@ class DataPlane:
         check_decoded(model.config, request.inputs)
         return request
 
+    def offloaded(self, body: bytes, headers: dict[str, str]) -> bool:
+        """Whether a v2 body is decoded in a worker thread (large or compressed), so that other
+        clients keep going meanwhile."""
+        return len(body) > OFFLOAD_BYTES or "content-encoding" in headers
+
     async def infer_v2(
         self,
         name: str,
@@ -187,26 +204,74 @@ class DataPlane:
         gone: Callable[[], bool] | None = None,
     ) -> Answer:
         """POST /v2/models/{name}[/versions/{version}]/infer."""
+        if not self.offloaded(body, headers):
+            started = self.begin_v2(name, version, body, headers, gone)
+            if isinstance(started, Answer):
+                return started
+            call, pending = started
+            try:
+                await pending.future
+            except asyncio.CancelledError:
+                if not pending.taken:  # the caller gave up before compute: never run it
+                    call.model.batcher.cancel(pending)
+                raise
+            except Exception:  # end_v2 answers it
+                pass
+            return self.end_v2(call, pending.future)
         start = time.perf_counter()
         model = None
         try:
             model = self.repository.get(name, version)
-            if len(body) > OFFLOAD_BYTES or "content-encoding" in headers:
-                # large or compressed: decoded off the event loop, so other clients keep going
-                request = await asyncio.to_thread(self.decode_v2, model, body, headers)
-            else:
-                request = self.decode_v2(model, body, headers)
+            request = await asyncio.to_thread(self.decode_v2, model, body, headers)
             result, wanted = await self.infer(model, request, gone)
+        except Exception as exc:
+            return error_answer(self.failed(name, version, exc, model, start))
+        return self.answer_v2(V2Call(name, version, model, request, wanted, start), result)
+
+    def begin_v2(
+        self,
+        name: str,
+        version: str | None,
+        body: bytes,
+        headers: dict[str, str],
+        gone: Callable[[], bool] | None = None,
+    ) -> tuple[V2Call, Pending] | Answer:
+        """Decode, validate and queue a v2 body that is not `offloaded`, without a coroutine;
+        `end_v2` answers once the future is done. An Answer here is a refusal."""
+        start = time.perf_counter()
+        model = None
+        try:
+            model = self.repository.get(name, version)
+            request = self.decode_v2(model, body, headers)
+            wanted = wanted_outputs(model.config, request)
+            wait = timeout_ms(request.parameters.get("timeout"), model.batching.timeout_ms)
+            pending = model.batcher.enqueue(request.inputs, ONLINE, wait, gone)
+        except Exception as exc:
+            return error_answer(self.failed(name, version, exc, model, start))
+        return V2Call(name, version, model, request, wanted, start), pending
+
+    def end_v2(self, call: V2Call, done: asyncio.Future) -> Answer:
+        """The answer to a request `begin_v2` queued, once its future is done."""
+        try:
+            result = done.result()
+        except Exception as exc:
+            return error_answer(self.failed(call.name, call.version, exc, call.model, call.start))
+        return self.answer_v2(call, result)
+
+    def answer_v2(self, call: V2Call, result: BatchResult) -> Answer:
+        """Encode a v2 request's rows and count it."""
+        model, request = call.model, call.request
+        try:
             out, header_len = encode_response(
-                name,
+                call.name,
                 str(model.version),
-                [(n, result.outputs[n], binary) for n, binary in wanted],
+                [(n, result.outputs[n], binary) for n, binary in call.wanted],
                 request.id,
                 self.response_parameters(model, request, result),
             )
         except Exception as exc:
-            return error_answer(self.failed(name, version, exc, model, start))
-        total = time.perf_counter() - start
+            return error_answer(self.failed(call.name, call.version, exc, model, call.start))
+        total = time.perf_counter() - call.start
         self.succeeded(model, result, total)
         answer_headers = {"server-timing": server_timing(result, total)}
         if header_len is None:

@@ -3,6 +3,9 @@
 - A request's headers must arrive within `header_timeout_s` of its first byte, and its body
   within `body_timeout_s` of its headers; otherwise it is answered 408 and the connection closed
   (a stalled upload holds no memory for long).
+- The infer routes are served from the parser callbacks by `service.fastlane.DirectLane` when
+  the app has one (no ASGI scope, task or messages per request; a refusal before the body is
+  read); everything else goes to the ASGI app.
 - On SIGTERM (or SIGINT) the server stops accepting, answers every request it has, and closes idle
   keep-alive connections only after a short drain window in which a request already on the wire
   is still answered (with `Connection: close`) instead of being reset. After
@@ -20,13 +23,17 @@ import socket
 import sys
 import threading
 from collections.abc import Generator
+from functools import partial
 from typing import Any
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.config import Settings
+from service.dataplane import Answer, error_answer
+from service.errors import ServeError
+from service.fastlane import DirectLane, LaneRequest
 
 log = logging.getLogger(__name__)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -48,6 +55,43 @@ _RETRY_AFTER = re.compile(rb"\r\nretry-after: *(\d{1,4})\r\n", re.IGNORECASE)
 def _retry_after(head: bytes) -> float:
     match = _RETRY_AFTER.search(head)
     return float(match[1]) if match else 0.0
+
+
+def encode_answer(answer: Answer, keep_alive: bool) -> bytes:
+    """An Answer as one HTTP/1.1 response."""
+    fields = "".join([f"{k}: {v}\r\n" for k, v in answer.headers.items()])
+    close = "" if keep_alive else "connection: close\r\n"
+    head = f"{fields}content-length: {len(answer.body)}\r\n{close}\r\n".encode("latin-1")
+    return b"".join((STATUS_LINE[answer.status], head, answer.body))
+
+
+class _NoEvent:
+    """Stands for uvicorn's per-request `asyncio.Event` on a lane request: nothing waits."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        return None
+
+
+class LaneCycle:
+    """A request the direct lane serves, with the flags uvicorn's connection code reads of a
+    request-response cycle (connection_lost, shutdown and the read timeouts use them)."""
+
+    __slots__ = ("request", "url", "keep_alive", "disconnected", "response_started",
+                 "response_complete", "more_body", "message_event")  # fmt: skip
+
+    def __init__(self, request: LaneRequest | None, url: bytes, keep_alive: bool) -> None:
+        self.request = request  # None: refused when its headers came in
+        self.url = url
+        self.keep_alive = keep_alive
+        self.disconnected = self.response_started = self.response_complete = False
+        self.more_body = True
+        self.message_event = _NoEvent()
+
+    def gone(self) -> bool:
+        """Whether the client has gone (asked just before compute)."""
+        return self.disconnected
 
 
 class OneWrite:
@@ -73,6 +117,12 @@ class OneWrite:
         else:
             self._transport.write(data)
 
+    def write_whole(self, response: bytes) -> None:
+        """A whole response (the direct lane's) in one write."""
+        if response.startswith(b"HTTP/1.1 503"):
+            self.retry_after = _retry_after(response)
+        self._transport.write(response)
+
     def flush(self) -> None:
         if self._held is not None:
             held, self._held = self._held, None
@@ -94,6 +144,7 @@ class GuardedProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0
     body_timeout_s = 60.0
     drain_s = 0.5
+    lane: DirectLane | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -167,6 +218,8 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         self._waiting = None
+        if self.lane is not None and self._lane_open(self.lane):
+            return
         super().on_headers_complete()
         if self.cycle is not None:
             if self._draining:
@@ -174,10 +227,93 @@ class GuardedProtocol(HttpToolsProtocol):
             if self.cycle.more_body and self.parser.get_method() not in (b"GET", b"HEAD"):
                 self._waiting = "body"
 
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if type(cycle) is not LaneCycle:
+            super().on_body(body)
+            return
+        request = cycle.request
+        if request is None or cycle.response_complete:
+            return  # refused already: the rest of the body is read and dropped
+        request.size += len(body)
+        if request.size > request.limit:
+            self._lane_respond(cycle, self._lane_guarded(self.lane.too_large, request))
+        else:
+            request.chunks.append(body)
+
     def on_message_complete(self) -> None:
         self._disarm()
         self._waiting = None
-        super().on_message_complete()
+        cycle = self.cycle
+        if type(cycle) is not LaneCycle:
+            super().on_message_complete()
+            return
+        cycle.more_body = False
+        if cycle.request is None or cycle.response_complete:
+            if self.timeout_keep_alive_task is None and not self.transport.is_closing():
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
+            return
+        task = self._lane_guarded(
+            self.lane.run, cycle.request, cycle.gone, partial(self._lane_respond, cycle)
+        )
+        if isinstance(task, Answer):
+            self._lane_respond(cycle, task)
+        elif task is not None:  # waited for at shutdown like uvicorn's own tasks
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    # -- the direct lane ----------------------------------------------------------------------
+    def _lane_open(self, lane: DirectLane) -> bool:
+        """Give a POST to the direct lane if it serves the route; False leaves it to the app
+        (also while an earlier request on this connection is still being answered)."""
+        cycle = self.cycle
+        if self.parser.get_method() != b"POST" or self.flow.write_paused:
+            return False
+        if cycle is not None and not cycle.response_complete:
+            return False
+        opened = self._lane_guarded(lane.open, self.url, self.headers)
+        if opened is None:
+            return False
+        keep_alive = self.parser.should_keep_alive() and not self._draining
+        if isinstance(opened, Answer):  # refused before the body: it is read and dropped
+            lane_cycle = LaneCycle(None, self.url, keep_alive and not self.expect_100_continue)
+            self.cycle = lane_cycle  # type: ignore[assignment]
+            self._lane_respond(lane_cycle, opened)
+        else:
+            self.cycle = LaneCycle(opened, self.url, keep_alive)  # type: ignore[assignment]
+            if self.expect_100_continue:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._waiting = "body"
+        return True
+
+    def _lane_guarded(self, step: Any, *args: Any) -> Any:
+        """A lane step; an exception in it (a bug) is logged and answered 500, never left to
+        the parser (which would answer 400) or the loop."""
+        try:
+            return step(*args)
+        except Exception as exc:
+            log.error("internal error in the direct lane", exc_info=exc)
+            return error_answer(ServeError("internal server error"))
+
+    def _lane_respond(self, cycle: LaneCycle, answer: Answer) -> None:
+        """Write a lane request's answer in one write, then carry on as uvicorn does after a
+        response (keep-alive timer, pipelined requests, Retry-After hold-off)."""
+        if cycle.response_complete:
+            return
+        cycle.response_started = cycle.response_complete = True
+        transport: OneWrite = self.transport  # type: ignore[assignment]
+        if cycle.disconnected or transport.is_closing():
+            return
+        keep_alive = cycle.keep_alive
+        transport.write_whole(encode_answer(answer, keep_alive))
+        if self.lane is not None and self.lane.access_log:
+            caller = cycle.request.caller if cycle.request is not None else None
+            self.lane.log(caller, self.client, cycle.url, answer.status)
+        if not keep_alive:
+            transport.close()
+        self.on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -201,8 +337,8 @@ class GuardedProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
 
 
-def protocol_class(settings: Settings) -> type[GuardedProtocol]:
-    """The protocol with the settings' timeouts."""
+def protocol_class(settings: Settings, lane: DirectLane | None = None) -> type[GuardedProtocol]:
+    """The protocol with the settings' timeouts, serving `lane`'s routes itself."""
     return type(
         "ServerProtocol",
         (GuardedProtocol,),
@@ -210,6 +346,7 @@ def protocol_class(settings: Settings) -> type[GuardedProtocol]:
             "header_timeout_s": settings.header_timeout_s,
             "body_timeout_s": settings.body_timeout_s,
             "drain_s": settings.drain_s,
+            "lane": lane,
         },
     )
 
@@ -321,7 +458,7 @@ def serve(app: Any, settings: Settings, sockets: list[socket.socket] | None = No
         proxy_headers=False,
         server_header=False,
         loop="auto",
-        http=protocol_class(settings),
+        http=protocol_class(settings, getattr(app, "direct_lane", None)),
         timeout_keep_alive=int(settings.keep_alive_timeout_s),
         timeout_graceful_shutdown=int(settings.graceful_timeout_s),
         backlog=settings.backlog,

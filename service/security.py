@@ -203,8 +203,12 @@ class Guard:
 
     def check(self, scope: MutableMapping[str, Any]) -> Caller:
         """Who the caller is; raises the refusal (400/401/403) otherwise."""
+        return self.check_request(scope["method"], scope["path"], scope["headers"])
+
+    def check_request(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Caller:
+        """`check` on a request's parts (headers as lower-case names and values)."""
         host = authorization = origin = content_type = None
-        for name, value in scope["headers"]:
+        for name, value in headers:
             if name == b"host":
                 host = value
             elif name == b"authorization":
@@ -215,7 +219,6 @@ class Guard:
                 content_type = value
         if not self.any_host:
             self._check_host(host, origin)
-        path, method = scope["path"], scope["method"]
         needed = required_scope(method, path)
         if needed is None:
             return ANONYMOUS_CALLER

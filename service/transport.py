@@ -15,10 +15,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 async def read_body(receive: Receive, limit: int, content_length: str | None) -> bytes:
     """The whole request body, refusing (413) as soon as it is known to exceed `limit` bytes."""
-    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
-        raise PayloadTooLarge(
-            f"request body of {content_length} bytes exceeds the {limit}-byte limit"
-        )
+    check_length(content_length, limit)
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -31,6 +28,14 @@ async def read_body(receive: Receive, limit: int, content_length: str | None) ->
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def check_length(content_length: str | None, limit: int) -> None:
+    """Refuse (413) a body whose declared length exceeds `limit` bytes."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise PayloadTooLarge(
+            f"request body of {content_length} bytes exceeds the {limit}-byte limit"
+        )
 
 
 def disconnect_probe(receive: Receive) -> Callable[[], bool]:

@@ -1,0 +1,161 @@
+"""The direct lane (infer routes served from the HTTP protocol's callbacks) on the wire: refusals
+before the body is read, pipelining, interim 100 Continue, bodies that grow past the limit, and
+the access log, with raw sockets against a real server."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from service.codec import encode_request
+from tests.conftest import run_server
+
+pytestmark = pytest.mark.e2e
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+class Reader:
+    """HTTP/1.1 responses read off a raw socket (content-length bodies)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buffer = sock, b""
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed by the server")
+        self.buffer += chunk
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        length = int(headers.get("content-length", 0))
+        while len(self.buffer) < length:
+            self._fill()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return status, headers, body
+
+
+def _head(path: str, length: int, *extra: str) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+            f"Content-Length: {length}", *extra]  # fmt: skip
+    return ("\r\n".join(head) + "\r\n\r\n").encode()
+
+
+def _post(path: str, body: bytes) -> bytes:
+    return _head(path, len(body)) + body
+
+
+def _cnn_request(rid: str, seed: int) -> tuple[bytes, np.ndarray]:
+    x = np.random.default_rng(seed).random((1, 1, 28, 28), dtype=np.float32)
+    doc = {"id": rid, "inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                  "data": x.ravel().tolist()}]}  # fmt: skip
+    return orjson.dumps(doc), x
+
+
+def test_a_refusal_is_sent_before_the_body_and_the_connection_goes_on(server):
+    body, _ = _cnn_request("after", 0)
+    with _connect(server.url) as sock:
+        reader = Reader(sock)
+        # headers for a model that does not exist, announcing a body that has not been sent
+        sock.sendall(_head("/v2/models/nope/infer", 50000))
+        sock.settimeout(5)
+        start = time.monotonic()
+        status, headers, error = reader.response()
+        assert status == 404 and "nope" in orjson.loads(error)["error"]
+        assert time.monotonic() - start < 2
+        assert headers.get("connection") != "close"
+        sock.sendall(b"0" * 50000)  # the announced body is read and dropped
+        sock.sendall(_post("/v2/models/cnn/infer", body))
+        status, _, answer = reader.response()
+        assert status == 200 and orjson.loads(answer)["id"] == "after"
+
+
+def test_pipelined_requests_are_answered_in_order(server, repository):
+    import onnxruntime as ort
+
+    from service.model_config import latest_version_dir
+
+    model = latest_version_dir(repository / "cnn")
+    session = ort.InferenceSession(str(model / "model.onnx"), providers=["CPUExecutionProvider"])
+    requests = [_cnn_request(f"r{i}", i) for i in range(6)]
+    wire = b"".join(_post("/v2/models/cnn/infer", body) for body, _ in requests)
+    with _connect(server.url) as sock:
+        sock.sendall(wire)  # six requests in one write
+        reader = Reader(sock)
+        for i, (_, x) in enumerate(requests):
+            status, _, answer = reader.response()
+            doc = orjson.loads(answer)
+            assert status == 200 and doc["id"] == f"r{i}"
+            probabilities = next(o for o in doc["outputs"] if o["name"] == "probabilities")
+            expected = session.run(["probabilities"], {"image": x})[0]
+            np.testing.assert_allclose(probabilities["data"], expected.ravel(), rtol=1e-4,
+                                       atol=1e-6)  # fmt: skip
+
+
+def test_interim_100_continue_then_the_answer_and_a_refusal_without_it(server):
+    body, _ = _cnn_request("continued", 1)
+    with _connect(server.url) as sock:
+        reader = Reader(sock)
+        sock.sendall(_head("/v2/models/cnn/infer", len(body), "Expect: 100-continue"))
+        status, _, _ = reader.response()
+        assert status == 100
+        sock.sendall(body)
+        status, _, answer = reader.response()
+        assert status == 200 and orjson.loads(answer)["id"] == "continued"
+    with _connect(server.url) as sock:
+        reader = Reader(sock)
+        sock.sendall(_head("/v2/models/nope/infer", 10, "Expect: 100-continue"))
+        status, headers, _ = reader.response()  # no 100: the refusal, and the connection ends
+        assert status == 404 and headers["connection"] == "close"
+
+
+def test_a_chunked_body_that_grows_past_the_limit_is_413(repository, tmp_path):
+    env = {"ONNXSERVE_MAX_BODY_BYTES": "100000", "ONNXSERVE_MAX_JSON_BODY_BYTES": "20000"}
+    with run_server(repository, tmp_path, env=env) as srv, _connect(srv.url) as sock:
+        reader = Reader(sock)
+        head = ("POST /v2/models/cnn/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        sock.sendall(head.encode())
+        for _ in range(5):  # 25 KB of JSON, no length announced
+            sock.sendall(b"1388\r\n" + b" " * 5000 + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        status, _, error = reader.response()
+        assert status == 413 and "max_json_body_bytes" in orjson.loads(error)["error"]
+        # binary bodies may go further: the same size as binary tensors is taken
+        x = np.zeros((8, 1, 28, 28), np.float32)  # 25 KB of tensor data
+        wire, header_len = encode_request({"image": x}, binary_output=False)
+        r = httpx.post(f"{srv.url}/v2/models/cnn/infer", content=wire,
+                       headers={"Inference-Header-Content-Length": str(header_len)})  # fmt: skip
+        assert r.status_code == 200, r.text
+
+
+def test_the_access_log_names_the_key_of_a_lane_request(repository, tmp_path):
+    keys = tmp_path / "keys.json"
+    key = {"name": "scorer", "key": "k-0123456789abcdef", "scopes": ["infer"]}
+    keys.write_bytes(orjson.dumps({"keys": [key]}))
+    env = {"ONNXSERVE_ACCESS_LOG": "true"}
+    body, _ = _cnn_request("logged", 2)
+    with run_server(repository, tmp_path, "--api-keys-file", str(keys), env=env) as srv:
+        url = f"{srv.url}/v2/models/cnn/infer"
+        assert httpx.post(url, content=body).status_code == 401
+        ok = httpx.post(url, content=body, headers={"Authorization": "Bearer k-0123456789abcdef"})
+        assert ok.status_code == 200
+        time.sleep(0.2)
+        log = srv.log.read_text()
+    assert '"POST /v2/models/cnn/infer" 401 key=-' in log
+    assert '"POST /v2/models/cnn/infer" 200 key=scorer' in log
+    assert "k-0123456789abcdef" not in log
