@@ -10,10 +10,11 @@ a. capacity: single-sample CNN v2 JSON requests, 64 keep-alive connections, clos
    by this module's generator (an asyncio HTTP/1.1 client on uvloop) and, when `wrk` is
    installed, cross-checked by wrk with loadtests/wrk/post.lua;
 b. overload: 10x the connections (640), each re-sending at once whatever it is told (Retry-After
-   ignored: the worst client): goodput (200s/s) against capacity, the refusals' latency and
-   Retry-After, the admitted requests' latency against 2x the queue timeout, 5xx other than
-   503/504, server RSS growth, and liveness on a NEW connection every 100 ms (from a separate
-   process, so the generator's own loop lag is not counted);
+   ignored: the worst client), then (b2) the same with clients that honour Retry-After: goodput
+   (200s/s) against capacity, the refusals' latency and Retry-After, the admitted requests'
+   latency against 2x the queue timeout, 5xx other than 503/504, server RSS growth, and liveness
+   on a NEW connection every 100 ms (from a separate process, so the generator's own loop lag is
+   not counted);
 c. three clients sending maximal legal bodies back to back (a JSON body of zeros as close to
    `max_json_body_bytes` as the limits allow, the same body gzip-compressed, and the most rows the
    limits allow as binary tensors) while another measures `GET /v2/health/live` on a keep-alive
@@ -22,7 +23,7 @@ d. server RSS before and after the largest LSTM batch the limits allow (rows x w
    and a gzip bomb (refused, RSS unchanged).
 
 Writes the JSON results and replaces the marked section of docs/hardening.md with a table of
-each figure, its target from issue 9, and whether it held. Takes about 2 minutes.
+each figure, its target from issue 9, and whether it held. Takes about 3 minutes.
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ DOC_END = "<!-- overload:end -->"
 
 
 # -- pure parts: parsing, percentiles, summaries, targets, Markdown --------------------------------
+def retry_after_s(headers: dict[str, str]) -> float:
+    """A response's Retry-After in seconds (0 when absent or not a number of seconds)."""
+    value = headers.get("retry-after", "")
+    return float(value) if value.isdigit() else 0.0
+
+
 def parse_head(head: bytes) -> tuple[int, int, dict[str, str]]:
     """Status, Content-Length (0 if absent) and lower-cased headers of an HTTP/1.1 response
     head (the bytes before the blank line)."""
@@ -189,14 +196,14 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
     targets = [
         Target("capacity (CNN, 1 sample, JSON, 64 conns)", capacity, "req/s", "reference", None),
         Target(
-            f"goodput at {over['connections']} conns (200s/s as % of capacity)",
+            f"goodput at {over['connections']} conns ignoring Retry-After (200s/s, % of capacity)",
             None if goodput_pct is None else round(goodput_pct, 1),
             "%",
             f">= {GOODPUT_MIN_PCT:g}%",
             None if goodput_pct is None else goodput_pct >= GOODPUT_MIN_PCT,
         ),
         Target(
-            "refusals: p99 latency of 503s",
+            "refusals to clients ignoring Retry-After: p99 latency of 503s",
             steady["refused_ms"]["p99"],
             "ms",
             f"<= {REFUSAL_P99_MAX_MS:g} ms",
@@ -209,6 +216,7 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
             "0",
             steady["refused_without_retry_after"] == 0 if refusals else None,
         ),
+        *_polite_targets(results.get("overload_polite"), capacity),
         Target(
             "admitted p99 latency",
             None if over["all"]["ok_ms"]["p99"] is None else over["all"]["ok_ms"]["p99"] / 1000,
@@ -268,6 +276,46 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
     return targets
 
 
+def _polite_targets(polite: dict[str, Any] | None, capacity: float) -> list[Target]:
+    """Goodput and refusal latency when the clients honour Retry-After (phase b2)."""
+    if polite is None:
+        return []
+    steady = polite["steady"]
+    goodput_pct = 100 * steady["ok_per_s"] / capacity if capacity else None
+    p99 = steady["refused_ms"]["p99"]
+    return [
+        Target(
+            f"goodput at {polite['connections']} conns honouring Retry-After",
+            None if goodput_pct is None else round(goodput_pct, 1),
+            "%",
+            f">= {GOODPUT_MIN_PCT:g}%",
+            None if goodput_pct is None else goodput_pct >= GOODPUT_MIN_PCT,
+        ),
+        Target(
+            "refusals to clients honouring Retry-After: p99 latency of 503s",
+            p99,
+            "ms",
+            f"<= {REFUSAL_P99_MAX_MS:g} ms",
+            _at_most(p99, REFUSAL_P99_MAX_MS),
+        ),
+    ]
+
+
+def _overload_line(title: str, over: dict[str, Any], cfg: dict[str, Any]) -> str:
+    return (
+        f"- {title}: {over['connections']} connections for {cfg['overload_s']} s, steady window "
+        f"{over['steady']['seconds']} s: {over['steady']['responses_per_s']:,.0f} answers/s "
+        f"({over['offered_x_capacity']}x capacity), by status {over['steady']['by_status']}; "
+        f"200s p50 {over['steady']['ok_ms']['p50']} ms; 503s p50 "
+        f"{over['steady']['refused_ms']['p50']} ms; client CPU {over['client_cpu_pct']:.0f}%, "
+        f"server CPU {over['server_cpu_pct']:.0f}%; other processes took "
+        f"{over['foreign_cpu_pct']:.0f}% of the server's CPU and "
+        f"{over.get('client_foreign_cpu_pct', 0):.0f}% of the client's (the probe included); "
+        f"connection errors {over['connection_errors']}; "
+        f"unanswered at the end {over['unanswered']}."
+    )
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The results section of docs/hardening.md: a table of targets and the figures behind it."""
     cfg = results["config"]
@@ -295,16 +343,12 @@ def render_markdown(results: dict[str, Any]) -> str:
             else "; wrk not installed"
         )
         + f". Capacity = the higher: {cap['capacity_rps']:,.0f} req/s.",
-        f"- overload: {over['connections']} connections for {cfg['overload_s']} s, steady window "
-        f"{over['steady']['seconds']} s: {over['steady']['responses_per_s']:,.0f} answers/s "
-        f"({over['offered_x_capacity']}x capacity), by status {over['steady']['by_status']}; "
-        f"200s p50 {over['steady']['ok_ms']['p50']} ms; 503s p50 "
-        f"{over['steady']['refused_ms']['p50']} ms; client CPU {over['client_cpu_pct']:.0f}%, "
-        f"server CPU {over['server_cpu_pct']:.0f}%; other processes took "
-        f"{over['foreign_cpu_pct']:.0f}% of the server's CPU and "
-        f"{over.get('client_foreign_cpu_pct', 0):.0f}% of the client's (the probe included); "
-        f"connection errors {over['connection_errors']}; "
-        f"unanswered at the end {over['unanswered']}.",
+        _overload_line("overload, clients ignoring Retry-After", over, cfg),
+        *(
+            [_overload_line("overload, clients honouring Retry-After", polite, cfg)]
+            if (polite := results.get("overload_polite"))
+            else []
+        ),
         f"- connections of the overload that got any answer: {over['connections_answered']} of "
         f"{over['connections']}; time from connecting to the first answer p50 "
         f"{over['first_answer_ms']['p50']} ms, p99 {over['first_answer_ms']['p99']} ms, max "
@@ -392,7 +436,15 @@ class _Connection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.close()  # connection_lost opens another
             return
-        self._send()
+        wait = retry_after_s(headers) if self.owner.polite and status == 503 else 0.0
+        if wait:
+            asyncio.get_running_loop().call_later(wait, self._send_if_open)
+        else:
+            self._send()
+
+    def _send_if_open(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._send()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.sent_at is not None and not self.owner.stopping:
@@ -402,11 +454,14 @@ class _Connection(asyncio.Protocol):
 
 class ClosedLoop:
     """`conns` keep-alive connections, each sending its next request as soon as the previous one
-    is answered. Connection i cycles through `requests[i % len(requests)]`."""
+    is answered (`polite`: a 503's Retry-After seconds later). Connection i cycles through
+    `requests[i % len(requests)]`."""
 
-    def __init__(self, host: str, port: int, requests: list[list[bytes]], conns: int) -> None:
+    def __init__(
+        self, host: str, port: int, requests: list[list[bytes]], conns: int, polite: bool = False
+    ) -> None:
         self.host, self.port = host, port
-        self.requests, self.conns = requests, conns
+        self.requests, self.conns, self.polite = requests, conns, polite
         self.records: list[Record] = []
         self.errors = 0
         self.connects = 0
@@ -691,11 +746,14 @@ def measure_capacity(setup: Setup, port: int, workdir: Path) -> dict[str, Any]:
     return result
 
 
-def measure_overload(setup: Setup, port: int, pid: int, capacity: float) -> dict[str, Any]:
-    """Phase b: 10x the connections, liveness on new connections, RSS, 5xx."""
+def measure_overload(
+    setup: Setup, port: int, pid: int, capacity: float, polite: bool = False
+) -> dict[str, Any]:
+    """Phase b: 10x the connections, liveness on new connections, RSS, 5xx (`polite`: clients
+    that honour Retry-After, phase b2)."""
     requests = cnn_requests(setup.repository)
     conns = OVERLOAD_FACTOR * CAPACITY_CONNS
-    gen = ClosedLoop("127.0.0.1", port, [requests], conns)
+    gen = ClosedLoop("127.0.0.1", port, [requests], conns, polite)
     drain = setup.queue_timeout_ms("cnn") / 1000 + 2
     live: dict[str, Any] = {}
     rss_before = rss_mb(pid)
@@ -883,6 +941,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"a. capacity {capacity['capacity_rps']:,.0f} req/s")
             overload = measure_overload(setup, port, pid, capacity["capacity_rps"])
             say(f"b. overload {overload['steady']['by_status']}")
+            polite = measure_overload(setup, port, pid, capacity["capacity_rps"], polite=True)
+            say(f"b2. overload, clients honouring Retry-After {polite['steady']['by_status']}")
             bodies = measure_big_bodies(setup, port)
             say(f"c. maximal bodies: health {bodies['health_ms']}")
             lstm = measure_lstm_rss(setup, port, pid)
@@ -907,6 +967,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "capacity": capacity,
         "overload": overload,
+        "overload_polite": polite,
         "big_bodies": bodies,
         "lstm_rss": lstm,
         "server_log_errors": [line for line in server_log.splitlines() if "Traceback" in line][:5],

@@ -134,9 +134,11 @@ def serving(
     timeout_s: float = 120.0,
     poll_s: float = 0.2,
     stop_wait_s: float = 20.0,
+    cwd: Path = ROOT,
 ) -> Iterator[subprocess.Popen]:
-    """Start `cmd`, yield its process once `ready_url` answers 200, stop it afterwards."""
-    process = start(cmd, log, cpus=cpus, env=env)
+    """Start `cmd` (in `cwd`), yield its process once `ready_url` answers 200, stop it
+    afterwards."""
+    process = start(cmd, log, cpus=cpus, env=env, cwd=cwd)
     try:
         wait_ready(process, ready_url, log, timeout_s=timeout_s, poll_s=poll_s)
         yield process

@@ -429,3 +429,31 @@ def test_server_commands():
     off = server_command("onnxserve", "off", Path("repo"), 1)
     assert off[-1] == "--no-batching" and "serve" in off
     assert "--no-batching" not in server_command("onnxserve", "on", Path("repo"), 1)
+
+
+def test_stage_split_takes_the_innermost_stage_frame_and_the_thread():
+    from loadtests.bench.stages import LOOP, WORKER, split_profile
+
+    outer = "thread (1): MainThread;Server.run (uvicorn/server.py:86)"
+    main = f"{outer};Runner.run (asyncio/runners.py:118)"
+    lane = f"{main};GuardedProtocol.data_received (service/httpserver.py:206)"
+    begin = f"{lane};DataPlane.begin_v2 (service/dataplane.py:245)"
+    respond = f"{lane};GuardedProtocol._lane_respond (service/httpserver.py:310)"
+    worker = "thread (2): ort-cnn-2_0;Thread.run (threading.py:982)"
+    raw = "\n".join([
+        f"{begin};decode_request (service/codec.py:235);_loads (service/codec.py:68) 5",
+        f"{begin};Batcher.enqueue (service/batcher.py:160) 2",
+        f"{respond};OneWrite.write_whole (service/httpserver.py:124) 3",
+        f"{lane} 4",
+        f"{main} 6",
+        f"{worker};Session.run (onnxruntime/x.py:406) 7",
+    ])  # fmt: skip
+    split = split_profile(raw)
+    assert split == {
+        "decode (JSON or binary to arrays)": 5,
+        "batcher (queue, join, split)": 2,
+        "socket writes": 3,
+        "HTTP in Python (parse callbacks, routing, ASGI, lanes)": 4,
+        LOOP: 6,
+        WORKER: 7,
+    }
