@@ -65,6 +65,37 @@ def _timed_out(item: Pending) -> QueueTimeout:
     return QueueTimeout(f"request waited over {waited_ms:.0f} ms in the queue and was not run")
 
 
+class Reservation:
+    """A queue slot held for one waiter that `wait_for_room` woke: its next request is admitted
+    even while the queue looks full to everyone else. Used by `admit`, or given back."""
+
+    __slots__ = ("batcher", "open")
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+        self.open = True
+        batcher._reserved += 1
+
+    def take(self, batcher: Batcher) -> bool:
+        """Use the slot for a request to `batcher` (False: it is for another batcher, or used)."""
+        if self.open and batcher is self.batcher:
+            self.open = False
+            batcher._reserved -= 1
+            return True
+        return False
+
+    def release(self) -> None:
+        """Give the slot back unused."""
+        if self.open:
+            self.open = False
+            self.batcher._reserved -= 1
+            self.batcher._offer_room()
+
+
+#: Called when a queue has room: given a Reservation (None: the batcher closed), True if kept.
+RoomWaiter = Callable[["Reservation | None"], bool]
+
+
 def _untime(item: Pending) -> None:
     if item.timer is not None:
         item.timer.cancel()
@@ -99,6 +130,8 @@ class Batcher:
         self._fill_timer: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._reserved = 0  # slots held by Reservations
+        self._room_waiters: deque[RoomWaiter] = deque()
 
     @property
     def depth(self) -> int:
@@ -115,13 +148,37 @@ class Batcher:
         self._pump()
         await self._idle.wait()
 
-    def admit(self) -> None:
+    def admit(self, reservation: Reservation | None = None) -> None:
         """Raise what `submit` would refuse with now (closing, or a full queue): cheap, so a
-        request can be refused before its body is read."""
+        request can be refused before its body is read. A `reservation` for this batcher is
+        used up instead (the slot was held for it)."""
         if self._closed:
             raise Unavailable("model is being unloaded; retry shortly")
-        if self.depth >= self.max_queue_size:
-            raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
+        if reservation is not None and reservation.take(self):
+            return
+        if self.depth + self._reserved >= self.max_queue_size:
+            raise QueueFull(
+                f"queue is full ({self.max_queue_size} requests waiting); retry later", room=self
+            )
+
+    def wait_for_room(self, waiter: RoomWaiter) -> None:
+        """Call `waiter` (oldest first) with a Reservation once the queue has room for it; it
+        returns False to give the slot back at once (the HTTP protocol's refused connections
+        wait here instead of re-sending into a full queue)."""
+        self._room_waiters.append(waiter)
+        self._offer_room()
+
+    def _offer_room(self) -> None:
+        waiters = self._room_waiters
+        while waiters and (self._closed or self.depth + self._reserved < self.max_queue_size):
+            waiter = waiters.popleft()
+            if self._closed:
+                waiter(None)
+                continue
+            reservation = Reservation(self)
+            if not waiter(reservation):
+                reservation.open = False
+                self._reserved -= 1
 
     async def submit(
         self,
@@ -190,6 +247,8 @@ class Batcher:
             except ValueError:
                 continue
         self._settle_idle()
+        if self._room_waiters:
+            self._offer_room()
 
     def _settle_idle(self) -> None:
         if not self._inflight and not self.depth:
@@ -210,6 +269,8 @@ class Batcher:
             if batch:
                 self._launch(batch)
         self._settle_idle()
+        if self._room_waiters:
+            self._offer_room()
 
     def _fill_deadline(self) -> float:
         """When the oldest waiting request will have waited max_queue_delay_ms."""

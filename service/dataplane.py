@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 
 from service import postprocess
-from service.batcher import ONLINE, BatchResult, Pending
+from service.batcher import ONLINE, Batcher, BatchResult, Pending, Reservation
 from service.codec import (
     HEADER_LENGTH,
     NP_TYPES,
@@ -46,6 +46,7 @@ class Answer:
     status: int
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    room: Batcher | None = None  # a full queue's batcher: the connection may wait for room
 
 
 @dataclass(slots=True)
@@ -62,7 +63,12 @@ class V2Call:
 
 def error_answer(exc: ServeError) -> Answer:
     """An error as an Answer with the protocol's JSON body."""
-    return Answer(exc.status, error_body(exc.message), {"content-type": JSON, **exc.headers})
+    return Answer(
+        exc.status,
+        error_body(exc.message),
+        {"content-type": JSON, **exc.headers},
+        getattr(exc, "room", None),
+    )
 
 
 def server_timing(result: BatchResult, total_s: float) -> str:
@@ -110,11 +116,13 @@ class DataPlane:
         return self.max_json_bytes
 
     # -- shared by every transport ----------------------------------------------------------
-    def admit(self, name: str, version: str | None) -> LoadedModel:
+    def admit(
+        self, name: str, version: str | None, reservation: Reservation | None = None
+    ) -> LoadedModel:
         """The model a request is for, if it would take the request now: refuses unknown models
-        and full queues before a body is read or decoded."""
+        and full queues before a body is read or decoded (a `reservation` holds a slot)."""
         model = self.repository.get(name, version)
-        model.batcher.admit()
+        model.batcher.admit(reservation)
         return model
 
     async def infer(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -61,8 +61,9 @@ class QueueFull(Unavailable):
 
     reason = "queue_full"
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, retry_after_s: int = 1, room: Any = None) -> None:
         super().__init__(message, {"Retry-After": str(retry_after_s)})
+        self.room = room  # the batcher whose queue was full (wait_for_room), if known
 
 
 class QueueTimeout(ServeError):

@@ -24,6 +24,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from service.batcher import Reservation
 from service.dataplane import Answer, DataPlane, error_answer, json_too_large
 from service.errors import PayloadTooLarge, ServeError
 from service.security import ANONYMOUS_CALLER, Caller, Guard, log_access
@@ -115,10 +116,14 @@ class DirectLane:
         self.access_log = access_log
 
     def open(
-        self, url: bytes, raw_headers: list[tuple[bytes, bytes]]
+        self,
+        url: bytes,
+        raw_headers: list[tuple[bytes, bytes]],
+        reservation: Reservation | None = None,
     ) -> LaneRequest | Answer | None:
         """A POST's headers are in: a LaneRequest to read the body for, an Answer that refuses
-        it now, or None for a route this lane does not serve."""
+        it now, or None for a route this lane does not serve. `reservation`: a queue slot held
+        for this connection (`Batcher.wait_for_room`)."""
         path = url.split(b"?", 1)[0]
         if b"%" in path or not (path.endswith(b"/infer") or path.endswith(b":predict")):
             return None  # percent-encoded paths are left to the ASGI app, which decodes them
@@ -136,7 +141,7 @@ class DirectLane:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
         dataplane, limit = self.dataplane, self.dataplane.max_body_bytes
         try:
-            dataplane.admit(model, version)
+            dataplane.admit(model, version, reservation)
             limit = dataplane.body_limit(kind, headers)
             check_length(headers.get("content-length"), limit)
         except ServeError as exc:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import re
 import signal
 import socket
+import struct
 import sys
+import termios
 import threading
 from collections.abc import Generator
 from functools import partial
@@ -30,6 +33,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from service.batcher import Batcher, Reservation
 from service.config import Settings
 from service.dataplane import Answer, error_answer
 from service.errors import ServeError
@@ -38,6 +42,7 @@ from service.fastlane import DirectLane, LaneRequest
 log = logging.getLogger(__name__)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 MAX_HOLD_OFF_S = 2.0  # below the keep-alive timeout, which must not close a held connection
+MAX_ROOM_WAIT_S = 2.0  # then a held connection is read even if its model's queue is still full
 ACCEPT_BATCH = 256  # connections accepted per readiness of the listening socket
 
 
@@ -50,6 +55,16 @@ def _raw_response(status: bytes, message: str) -> bytes:
 
 
 _RETRY_AFTER = re.compile(rb"\r\nretry-after: *(\d{1,4})\r\n", re.IGNORECASE)
+
+
+def _bytes_waiting(fd: int) -> bool:
+    """Whether the peer has sent bytes not read yet (FIONREAD on the socket; -1: unknown)."""
+    if fd < 0:
+        return True
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0] > 0
+    except OSError:
+        return False
 
 
 def _retry_after(head: bytes) -> float:
@@ -151,6 +166,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._read_timer: asyncio.TimerHandle | None = None
         self._waiting: str | None = None  # "headers" or "body" while a request is incomplete
         self._draining = False
+        self._held_on: Batcher | None = None  # refused: reading paused until its queue has room
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._reservation: Reservation | None = None  # a slot held for the next request
 
     def _arm(self, seconds: float, what: str) -> None:
         self._disarm()
@@ -178,6 +196,8 @@ class GuardedProtocol(HttpToolsProtocol):
     # -- timers around uvicorn's parser callbacks ------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(OneWrite(transport))  # type: ignore[arg-type]
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
         self._arm(self.header_timeout_s, "headers")
 
     def on_response_complete(self) -> None:
@@ -194,12 +214,23 @@ class GuardedProtocol(HttpToolsProtocol):
         in the kernel's buffers instead of costing the event loop another refusal."""
         if self.transport.is_closing():
             return
-        self.transport.pause_reading()
-        self.loop.call_later(seconds, self._resume_after_hold_off)
+        self._pause()
+        self.loop.call_later(seconds, self._resume)
 
-    def _resume_after_hold_off(self) -> None:
-        if not self.transport.is_closing():
-            self.transport.resume_reading()
+    def _pause(self) -> None:
+        """Stop reading; the keep-alive timer stops too (a request may be waiting unread)."""
+        self.transport.pause_reading()
+        self._unset_keepalive_if_required()
+
+    def _resume(self) -> None:
+        """Read again, with the keep-alive timer armed until the next request comes in."""
+        if self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def data_received(self, data: bytes) -> None:
         self._waiting = None
@@ -218,7 +249,11 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         self._waiting = None
-        if self.lane is not None and self._lane_open(self.lane):
+        reservation, self._reservation = self._reservation, None
+        taken = self.lane is not None and self._lane_open(self.lane, reservation)
+        if reservation is not None:
+            reservation.release()  # a no-op when the request used it
+        if taken:
             return
         super().on_headers_complete()
         if self.cycle is not None:
@@ -265,7 +300,7 @@ class GuardedProtocol(HttpToolsProtocol):
             task.add_done_callback(self.tasks.discard)
 
     # -- the direct lane ----------------------------------------------------------------------
-    def _lane_open(self, lane: DirectLane) -> bool:
+    def _lane_open(self, lane: DirectLane, reservation: Reservation | None) -> bool:
         """Give a POST to the direct lane if it serves the route; False leaves it to the app
         (also while an earlier request on this connection is still being answered)."""
         cycle = self.cycle
@@ -273,7 +308,7 @@ class GuardedProtocol(HttpToolsProtocol):
             return False
         if cycle is not None and not cycle.response_complete:
             return False
-        opened = self._lane_guarded(lane.open, self.url, self.headers)
+        opened = self._lane_guarded(lane.open, self.url, self.headers, reservation)
         if opened is None:
             return False
         keep_alive = self.parser.should_keep_alive() and not self._draining
@@ -308,15 +343,69 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         keep_alive = cycle.keep_alive
         transport.write_whole(encode_answer(answer, keep_alive))
+        room = answer.room
+        if room is not None:
+            transport.retry_after = 0.0  # a full queue: wait for room, not a fixed hold-off
         if self.lane is not None and self.lane.access_log:
             caller = cycle.request.caller if cycle.request is not None else None
             self.lane.log(caller, self.client, cycle.url, answer.status)
         if not keep_alive:
             transport.close()
         self.on_response_complete()
+        if room is not None and not self._draining and not transport.is_closing():
+            retry = answer.headers.get("Retry-After", "1")
+            self._wait_for_room(room, float(retry) if retry.isdigit() else 1.0)
+
+    # -- refused for a full queue: wait for room --------------------------------------------
+    def _wait_for_room(self, batcher: Batcher, seconds: float) -> None:
+        """Read nothing more from a connection refused for a full queue for its Retry-After (at
+        most MAX_HOLD_OFF_S), and after that until the queue has room (first come, first
+        served; the slot is held for a request already sent, so it is not refused again). A
+        client that honours Retry-After sees no difference; one that re-sends at once waits in
+        the kernel's buffers, costing no CPU, instead of drawing refusal after refusal."""
+        if self._held_on is not None:
+            return
+        self._pause()
+        self._held_on = batcher
+        self._hold_timer = self.loop.call_later(min(seconds, MAX_HOLD_OFF_S), self._queue_up)
+
+    def _queue_up(self) -> None:
+        """Retry-After has passed: wait for room (MAX_ROOM_WAIT_S at most, then read anyway)."""
+        batcher = self._held_on
+        if batcher is None or self.transport.is_closing():
+            self._hold_timer = None
+            return
+        self._hold_timer = self.loop.call_later(MAX_ROOM_WAIT_S, self._stop_waiting)
+        batcher.wait_for_room(self._room_offered)
+
+    def _stop_waiting(self) -> None:
+        self._hold_timer = None
+        if self._held_on is not None:
+            self._held_on = None
+            self._resume()
+
+    def _room_offered(self, reservation: Reservation | None) -> bool:
+        """The queue has room: read again; keep the slot if the next request is already here."""
+        if self._held_on is None or self.transport.is_closing():
+            return False
+        self._held_on = None
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self._resume()
+        if reservation is None or not _bytes_waiting(self._fd):
+            return False
+        self._reservation = reservation
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._held_on = None
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+        if self._reservation is not None:
+            self._reservation.release()
+            self._reservation = None
         super().connection_lost(exc)
 
     # -- shutdown ---------------------------------------------------------------------------

@@ -219,3 +219,41 @@ async def test_a_tiny_timeout_on_an_idle_batcher_still_runs():
     b = make(model, max_batch_size=4)
     result = await b.submit(row(1.0), timeout_ms=0.001)
     assert result.batch_size == 1 and model.calls == [1]
+
+
+async def test_room_goes_to_waiters_first_come_with_a_held_slot():
+    model = FakeModel()
+    model.gate.clear()  # the first batch runs until the gate opens: the queue builds up
+    b = make(model, max_batch_size=1, max_queue_size=2)
+    running = [asyncio.ensure_future(b.submit(row(i))) for i in range(3)]  # 1 runs, 2 wait
+    await asyncio.sleep(0.05)
+    with pytest.raises(QueueFull) as refused:
+        b.admit()
+    assert refused.value.room is b  # the refusal says where to wait for room
+    offered: list = []
+
+    def waiter(name: str, keep: bool):
+        def offer(reservation) -> bool:
+            offered.append((name, reservation))
+            return keep
+
+        return offer
+
+    b.wait_for_room(waiter("polite", False))  # gives its slot back (nothing sent yet)
+    b.wait_for_room(waiter("eager", True))
+    b.wait_for_room(waiter("late", True))
+    assert offered == []  # no room yet
+    model.gate.set()
+    await asyncio.sleep(0.05)  # one batch done: room for one, then more as the queue drains
+    await asyncio.gather(*running)  # the queue is empty now, but two slots are held
+    assert [name for name, _ in offered] == ["polite", "eager", "late"]
+    eager, late = offered[1][1], offered[2][1]
+    with pytest.raises(QueueFull):  # an anonymous request does not get a held slot...
+        b.admit()
+    b.admit(eager)  # ...the one it was held for does, once
+    assert not eager.open
+    late.release()  # given back unused: room for anyone
+    b.admit()
+    await b.close()
+    b.wait_for_room(waiter("closing", True))  # a closed batcher wakes waiters with no slot
+    assert offered[-1] == ("closing", None)

@@ -56,6 +56,11 @@ def process_ticks(pid: int) -> int:
     return parse_proc_stat(Path(f"/proc/{pid}/stat").read_text())
 
 
+def main_thread_ticks(pid: int) -> int:
+    """CPU clock ticks a live process's main thread (the event loop's) has used."""
+    return parse_proc_stat(Path(f"/proc/{pid}/task/{pid}/stat").read_text())
+
+
 def cpu_times() -> dict[int, tuple[int, int]]:
     """Per-CPU (busy, total) ticks now."""
     return parse_cpu_times(Path("/proc/stat").read_text())

@@ -7,8 +7,10 @@ source trees in one run (the "before/after" of a hot-path change).
 For each tree (default: this checkout), and each round: `onnxserve serve` from that tree (its
 own code, this repository and interpreter) pinned to CPU 0 with one ONNX Runtime thread, wrk on
 CPU 1 sending single-sample CNN requests at `--conns` connections, and py-spy sampling the
-server meanwhile. CPU per request is the server's CPU time over the requests wrk completed; each
-stage's share of the samples splits it. Trees are measured alternately, round by round, so
+server meanwhile. CPU per request is the server's CPU time over the requests wrk completed. The
+worker threads' share (ONNX Runtime) is their own CPU time, from /proc; the main thread's (the
+event loop's) is split by its samples. (Samples alone would count a thread that is runnable but
+waiting for the one core while the other runs.) Trees are measured alternately, round by round, so
 drift on a shared machine biases them alike. Needs `wrk` and `py-spy` (pip install py-spy).
 
 A sample goes to the innermost frame that names a stage (STAGES, in that order of precedence
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.bench.cells import CellSpec
-from loadtests.bench.cpu import process_ticks
+from loadtests.bench.cpu import main_thread_ticks, process_ticks
 from loadtests.bench.measure import write_manifest
 from loadtests.bench.models import load_model_info
 from loadtests.bench.wrk import parse_wrk_output, run_wrk
@@ -84,8 +86,11 @@ def split_profile(raw: str) -> dict[str, int]:
     return dict(counts)
 
 
-def measure(tree: Path, args: argparse.Namespace, manifest: Path, workdir: Path) -> dict[str, Any]:
-    """One tree, one round: requests/s, server CPU µs per request, and samples per stage."""
+def measure(
+    tree: Path, args: argparse.Namespace, manifest: Path, workdir: Path, profile: Path
+) -> dict[str, Any]:
+    """One tree, one round: requests/s, server CPU µs per request, and samples per stage (the
+    raw py-spy profile is kept at `profile`)."""
     port = free_port()
     cmd = serve_command(args.repository.resolve(), "--threads", "1", "--models", "cnn",
                         port=port)  # fmt: skip
@@ -95,8 +100,7 @@ def measure(tree: Path, args: argparse.Namespace, manifest: Path, workdir: Path)
     url = f"http://127.0.0.1:{port}"
     with serving(cmd, log, ready, cpus="0", env=env, cwd=tree) as process:
         run_wrk(url, manifest, args.conns, 2, "1", workdir / "warm.log")
-        profile = workdir / f"profile-{port}.txt"
-        ticks = process_ticks(process.pid)
+        ticks, loop_ticks = process_ticks(process.pid), main_thread_ticks(process.pid)
         spy = subprocess.Popen(
             ["taskset", "-c", "1", str(PY_SPY) if PY_SPY.exists() else "py-spy", "record",
              "-p", str(process.pid), "-d", str(args.seconds), "-r", "100", "--format", "raw",
@@ -105,34 +109,42 @@ def measure(tree: Path, args: argparse.Namespace, manifest: Path, workdir: Path)
         )  # fmt: skip
         out, _, _ = run_wrk(url, manifest, args.conns, args.seconds, "1", workdir / "wrk.log")
         ticks = process_ticks(process.pid) - ticks
+        loop_ticks = main_thread_ticks(process.pid) - loop_ticks
         spy.wait(timeout=60)
     done = parse_wrk_output(out)
-    requests = done["requests"]
-    cpu_us = ticks / os.sysconf("SC_CLK_TCK") * 1e6 / requests if requests else None
+    per_request = 1e6 / os.sysconf("SC_CLK_TCK") / max(1, done["requests"])
+    samples = split_profile(profile.read_text())
+    samples.pop(WORKER, None)
+    loop_total = sum(samples.values()) or 1
+    loop_us = loop_ticks * per_request
+    stages = {stage: round(loop_us * n / loop_total, 1) for stage, n in samples.items()}
+    stages[WORKER] = round((ticks - loop_ticks) * per_request, 1)
     return {
         "rps": round(done["rps"], 1),
         "non2xx": done["non2xx"],
-        "cpu_us_per_request": None if cpu_us is None else round(cpu_us, 1),
-        "samples": split_profile(profile.read_text()),
+        "cpu_us_per_request": round(ticks * per_request, 1),
+        "stages_us": stages,
+        "profile": str(profile),
     }
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rounds of one tree: median requests/s and CPU per request, the pooled stage split."""
-    pooled: Counter[str] = Counter()
-    for r in rounds:
-        pooled.update(r["samples"])
-    total = sum(pooled.values()) or 1
-    cpus = sorted(r["cpu_us_per_request"] for r in rounds if r["cpu_us_per_request"])
-    rps = sorted(r["rps"] for r in rounds)
-    cpu = cpus[len(cpus) // 2] if cpus else None
+    """Rounds of one tree: the median of each figure over the rounds, and every round's."""
+    stages = {stage for r in rounds for stage in r["stages_us"]}
     return {
-        "rps": rps[len(rps) // 2],
-        "rps_all": rps,
-        "cpu_us_per_request": cpu,
-        "cpu_us_all": cpus,
-        "stages_us": {s: round(cpu * n / total, 1) if cpu else None for s, n in pooled.items()},
-        "stage_share": {s: round(n / total, 3) for s, n in pooled.items()},
+        "rps": _median([r["rps"] for r in rounds]),
+        "rps_all": sorted(r["rps"] for r in rounds),
+        "cpu_us_per_request": round(_median([r["cpu_us_per_request"] for r in rounds]), 1),
+        "cpu_us_all": sorted(r["cpu_us_per_request"] for r in rounds),
+        "stages_us": {
+            s: round(_median([r["stages_us"].get(s, 0.0) for r in rounds]), 1) for s in stages
+        },
         "non2xx": sum(r["non2xx"] for r in rounds),
     }
 
@@ -189,9 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         manifest, _ = write_manifest(CellSpec("onnxserve", "cnn", args.protocol, args.conns),
                                      info, workdir)  # fmt: skip
+        profiles = args.out.with_suffix("")  # the raw profiles, beside the results
+        profiles.mkdir(parents=True, exist_ok=True)
         for k in range(args.rounds):
-            for label, path in trees.items():
-                r = measure(Path(path).resolve(), args, manifest, workdir)
+            for i, (label, path) in enumerate(trees.items()):
+                raw = profiles / f"tree{i}-round{k + 1}.txt"
+                r = measure(Path(path).resolve(), args, manifest, workdir, raw)
                 rounds[label].append(r)
                 print(f"round {k + 1} {label}: {r['rps']:,.0f} req/s, "
                       f"{r['cpu_us_per_request']} µs CPU/request", file=sys.stderr)  # fmt: skip
