@@ -107,7 +107,9 @@ class Settings(BaseSettings):
         default=4096, ge=1, description="Length of each dynamic non-batch axis (e.g. a window)."
     )
     fast_lane: bool = Field(
-        default=True, description="Serve infer routes through the thin ASGI lane (same codec)."
+        default=True,
+        description="Serve infer routes from the HTTP protocol (the direct lane) or a thin ASGI "
+        "lane, not through FastAPI (same codec, dataplane and errors).",
     )
     api_keys_file: Path | None = Field(
         default=None, description="API keys with scopes; reloaded when the file changes."
