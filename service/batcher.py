@@ -195,9 +195,8 @@ class Batcher:
         item = self.enqueue(inputs, priority, timeout_ms, gone)
         try:
             return await item.future
-        except asyncio.CancelledError:
-            if not item.taken:  # the caller gave up before compute: never run it
-                self.cancel(item)
+        except asyncio.CancelledError:  # the caller gave up: never run it if still queued
+            self.cancel(item)
             raise
 
     def enqueue(

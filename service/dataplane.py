@@ -134,8 +134,7 @@ class DataPlane:
     ) -> tuple[BatchResult, list[tuple[str, bool]]]:
         """Run a decoded, validated request: its rows of the outputs it asked for (name,
         binary?). `deadline_ms` (a gRPC deadline) caps the queue timeout."""
-        wanted = wanted_outputs(model.config, request)
-        wait = timeout_ms(request.parameters.get("timeout"), model.batching.timeout_ms)
+        wanted, wait = plan(model, request)
         if deadline_ms is not None:
             wait = min(wait or model.batching.timeout_ms, deadline_ms)
         result = await model.batcher.submit(request.inputs, ONLINE, wait, gone)
@@ -219,9 +218,8 @@ class DataPlane:
             call, pending = started
             try:
                 await pending.future
-            except asyncio.CancelledError:
-                if not pending.taken:  # the caller gave up before compute: never run it
-                    call.model.batcher.cancel(pending)
+            except asyncio.CancelledError:  # the caller gave up: never run it if still queued
+                call.model.batcher.cancel(pending)
                 raise
             except Exception:  # end_v2 answers it
                 pass
@@ -251,8 +249,7 @@ class DataPlane:
         try:
             model = self.repository.get(name, version)
             request = self.decode_v2(model, body, headers)
-            wanted = wanted_outputs(model.config, request)
-            wait = timeout_ms(request.parameters.get("timeout"), model.batching.timeout_ms)
+            wanted, wait = plan(model, request)
             pending = model.batcher.enqueue(request.inputs, ONLINE, wait, gone)
         except Exception as exc:
             return error_answer(self.failed(name, version, exc, model, start))
@@ -324,6 +321,12 @@ def json_too_large(limit: int) -> str:
         "(max_json_body_bytes): send large batches as binary tensors (Triton's binary tensor "
         "extension, Inference-Header-Content-Length)"
     )
+
+
+def plan(model: LoadedModel, request: InferRequest) -> tuple[list[tuple[str, bool]], float | None]:
+    """A decoded request's outputs (name, binary?) and its own queue timeout, if it gives one."""
+    wait = timeout_ms(request.parameters.get("timeout"), model.batching.timeout_ms)
+    return wanted_outputs(model.config, request), wait
 
 
 def wanted_outputs(config: ModelConfig, request: InferRequest) -> list[tuple[str, bool]]:
