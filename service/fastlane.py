@@ -98,7 +98,6 @@ class LaneRequest:
     kind: str
     model: str
     version: str | None
-    path: str
     headers: dict[str, str]
     caller: Caller
     limit: int
@@ -146,7 +145,7 @@ class DirectLane:
             check_length(headers.get("content-length"), limit)
         except ServeError as exc:
             return refusal(dataplane, model, version, limit, exc)
-        return LaneRequest(kind, model, version, text, headers, caller or ANONYMOUS_CALLER, limit)
+        return LaneRequest(kind, model, version, headers, caller or ANONYMOUS_CALLER, limit)
 
     def too_large(self, request: LaneRequest) -> Answer:
         """The answer to a body that grew past its limit."""

@@ -410,8 +410,16 @@ class GuardedProtocol(HttpToolsProtocol):
 
     # -- shutdown ---------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Finish the request in hand; an idle connection gets a drain window first."""
+        """Finish the request in hand; an idle connection gets a drain window first. A
+        connection held after a refusal is read again at once: a retry waiting unread in the
+        kernel's buffers is answered in the window, not reset."""
         self._draining = True
+        self._held_on = None
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
         if self.cycle is None or self.cycle.response_complete:
             self.loop.call_later(self.drain_s, self._close_if_idle)
         else:

@@ -4,6 +4,7 @@ the access log, with raw sockets against a real server."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 
@@ -161,45 +162,70 @@ def test_the_access_log_names_the_key_of_a_lane_request(repository, tmp_path):
     assert "k-0123456789abcdef" not in log
 
 
+FULL_LSTM = {"ONNXSERVE_MODEL_OVERRIDES": '{"lstm": {"max_batch_size": 1, "max_queue_size": 1, '
+             '"max_dim": 400000, "max_elements": 400000}}'}  # fmt: skip
+
+
+def _lstm_body(steps: int) -> bytes:
+    window = np.linspace(300, 420, steps, dtype=np.float32).reshape(1, -1, 1)
+    doc = {"inputs": [{"name": "series", "shape": list(window.shape), "datatype": "FP32",
+                       "data": window.ravel().tolist()}]}  # fmt: skip
+    return orjson.dumps(doc)
+
+
+def _fill_lstm_queue(url: str, compute_ms: float) -> list[socket.socket]:
+    """Two LSTM requests of about `compute_ms` each on a server started with FULL_LSTM: one
+    runs, one fills the queue of 1. Their connections, to read the answers from."""
+    probe = httpx.post(f"{url}/v2/models/lstm/infer", content=_lstm_body(20_000), timeout=60)
+    ms = float(probe.headers["server-timing"].split("compute;dur=")[1].split(",")[0])
+    steps = int(20_000 * min(20.0, max(1.0, compute_ms / ms)))
+    window = np.linspace(300, 420, steps, dtype=np.float32).reshape(1, -1, 1)
+    body, header_len = encode_request({"series": window}, binary_output=False)
+    length = f"Inference-Header-Content-Length: {header_len}"
+    busy = [_connect(url) for _ in range(2)]
+    for sock in busy:
+        sock.sendall(_head("/v2/models/lstm/infer", len(body), length) + body)
+    time.sleep(0.2)
+    return busy
+
+
+def _refused_then_resent(url: str) -> tuple[socket.socket, Reader]:
+    """A client refused for the full queue at once, which re-sends at once (Retry-After
+    ignored): its retry now waits unread."""
+    sock = _connect(url)
+    reader = Reader(sock)
+    start = time.monotonic()
+    sock.sendall(_post("/v2/models/lstm/infer", _lstm_body(64)))
+    status, headers, _ = reader.response()
+    assert status == 503 and headers["retry-after"] == "1"
+    assert time.monotonic() - start < 0.2  # refused at once
+    sock.sendall(_post("/v2/models/lstm/infer", _lstm_body(64)))
+    return sock, reader
+
+
 def test_a_client_refused_for_a_full_queue_that_resends_at_once_is_served_when_room_comes(
     repository, tmp_path
 ):
-    overrides = '{"lstm": {"max_batch_size": 1, "max_queue_size": 1, "max_dim": 400000, ' \
-        '"max_elements": 400000}}'  # fmt: skip
-
-    def lstm_body(steps: int) -> bytes:
-        window = np.linspace(300, 420, steps, dtype=np.float32).reshape(1, -1, 1)
-        doc = {"inputs": [{"name": "series", "shape": list(window.shape), "datatype": "FP32",
-                           "data": window.ravel().tolist()}]}  # fmt: skip
-        return orjson.dumps(doc)
-
-    def binary_request(steps: int) -> bytes:
-        window = np.linspace(300, 420, steps, dtype=np.float32).reshape(1, -1, 1)
-        body, header_len = encode_request({"series": window}, binary_output=False)
-        length = f"Inference-Header-Content-Length: {header_len}"
-        return _head("/v2/models/lstm/infer", len(body), length) + body
-
-    env = {"ONNXSERVE_MODEL_OVERRIDES": overrides}
-    with run_server(repository, tmp_path, env=env) as srv:
-        url = f"{srv.url}/v2/models/lstm/infer"
-        probe = httpx.post(url, content=lstm_body(20_000), timeout=60)
-        ms = float(probe.headers["server-timing"].split("compute;dur=")[1].split(",")[0])
-        steps = int(20_000 * min(20.0, max(1.0, 600 / ms)))  # about 0.6 s of compute each
-        busy = [_connect(srv.url) for _ in range(2)]  # one runs, one fills the queue of 1
-        for sock in busy:
-            sock.sendall(binary_request(steps))
-        time.sleep(0.2)
-        short = lstm_body(64)
-        with _connect(srv.url) as sock:
-            reader = Reader(sock)
-            start = time.monotonic()
-            sock.sendall(_post("/v2/models/lstm/infer", short))
-            status, headers, _ = reader.response()
-            assert status == 503 and headers["retry-after"] == "1"
-            assert time.monotonic() - start < 0.2  # refused at once
-            sock.sendall(_post("/v2/models/lstm/infer", short))  # Retry-After ignored
+    with run_server(repository, tmp_path, env=FULL_LSTM) as srv:
+        busy = _fill_lstm_queue(srv.url, 600)
+        sock, reader = _refused_then_resent(srv.url)
+        with sock:
             status, _, answer = reader.response()
             assert status == 200, answer  # read once there was room, into the slot held for it
         for sock in busy:
             assert Reader(sock).response()[0] == 200
             sock.close()
+
+
+def test_sigterm_answers_a_retry_that_waits_unread(repository, tmp_path):
+    with run_server(repository, tmp_path, env=FULL_LSTM) as srv:
+        busy = _fill_lstm_queue(srv.url, 1500)
+        sock, reader = _refused_then_resent(srv.url)
+        srv.process.send_signal(signal.SIGTERM)  # while the retry waits in the kernel's buffers
+        with sock:
+            status, headers, _ = reader.response()  # answered (not reset), and the connection ends
+            assert status in (200, 503) and headers["connection"] == "close"
+        for sock in busy:
+            assert Reader(sock).response()[0] == 200
+            sock.close()
+        assert srv.process.wait(timeout=30) == 0
