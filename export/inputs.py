@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from export.verify import rows
+from service.codec import BYTES, OIP_TYPES
 from service.model_config import DATATYPES, TensorSpec
 
 BATCH = "batch"
@@ -135,10 +136,10 @@ def as_arrays(value: Any) -> list[np.ndarray] | dict[str, np.ndarray] | None:
 
 
 def _datatype(dtype: np.dtype) -> str:
-    for datatype, name in DATATYPES.items():
-        if datatype != "BYTES" and np.dtype(name) == dtype:
-            return datatype
-    raise SpecError(f"inputs of dtype {dtype} have no Open Inference Protocol datatype")
+    datatype = OIP_TYPES.get(np.dtype(dtype))
+    if datatype is None or datatype == BYTES:
+        raise SpecError(f"inputs of dtype {dtype} have no Open Inference Protocol datatype")
+    return datatype
 
 
 def input_specs(

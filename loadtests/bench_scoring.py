@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtests.bench.payloads import manifest_text
+from loadtests.bench.payloads import write_requests
 from loadtests.bench.wrk import parse_wrk_output, wrk_command
 from loadtests.payloads import V2_JSON, make_payload
 from loadtests.serverproc import free_port, serve_command, serving
@@ -168,14 +168,8 @@ def server(repository: Path, jobs_root: Path, port: int, log: Path) -> Iterator[
 def wrk(url: str, workdir: Path, repository: Path, seconds: int) -> dict[str, Any]:
     """Single-sample CNN v2 JSON requests at CONNECTIONS connections; wrk's latency figures."""
     x = samples(repository)[:8]
-    entries = []
-    for i in range(len(x)):
-        payload = make_payload("cnn", V2_JSON, {"image": x[i : i + 1]})
-        body = workdir / f"body-{i}.json"
-        body.write_bytes(payload.body)
-        entries.append((payload.path, body, payload.headers))
-    manifest = workdir / "requests.tsv"
-    manifest.write_text(manifest_text(entries))
+    payloads = [make_payload("cnn", V2_JSON, {"image": x[i : i + 1]}) for i in range(len(x))]
+    manifest = write_requests(payloads, workdir, "requests")
     cmd = wrk_command(url, manifest, CONNECTIONS, seconds)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     doc = parse_wrk_output(out)

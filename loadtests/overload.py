@@ -54,7 +54,7 @@ import numpy as np
 from loadtests.bench.cpu import cpu_times, foreign_cpu_pct, parse_cpu_list, process_ticks
 from loadtests.bench.machine import load_average, machine_info
 from loadtests.bench.measure import http
-from loadtests.bench.payloads import manifest_text, request_rows
+from loadtests.bench.payloads import request_rows, write_requests
 from loadtests.bench.wrk import parse_wrk_output, run_wrk
 from loadtests.payloads import V2_JSON, Payload, make_payload
 from loadtests.serverproc import ROOT, free_port, serve_command, serving
@@ -189,26 +189,12 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
     lstm = results["lstm_rss"]
     capacity = cap["capacity_rps"]
     steady = over["steady"]
-    goodput_pct = 100 * steady["ok_per_s"] / capacity if capacity else None
     timeout_s = over["queue_timeout_ms"] / 1000
     refusals = steady["by_status"].get("503", 0)
     live = over["liveness_new_connection"]
     targets = [
         Target("capacity (CNN, 1 sample, JSON, 64 conns)", capacity, "req/s", "reference", None),
-        Target(
-            f"goodput at {over['connections']} conns ignoring Retry-After (200s/s, % of capacity)",
-            None if goodput_pct is None else round(goodput_pct, 1),
-            "%",
-            f">= {GOODPUT_MIN_PCT:g}%",
-            None if goodput_pct is None else goodput_pct >= GOODPUT_MIN_PCT,
-        ),
-        Target(
-            "refusals to clients ignoring Retry-After: p99 latency of 503s",
-            steady["refused_ms"]["p99"],
-            "ms",
-            f"<= {REFUSAL_P99_MAX_MS:g} ms",
-            _at_most(steady["refused_ms"]["p99"], REFUSAL_P99_MAX_MS),
-        ),
+        *_steady_targets(over, capacity, "ignoring", " (200s/s, % of capacity)"),
         Target(
             "refusals without Retry-After",
             steady["refused_without_retry_after"],
@@ -216,7 +202,11 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
             "0",
             steady["refused_without_retry_after"] == 0 if refusals else None,
         ),
-        *_polite_targets(results.get("overload_polite"), capacity),
+        *(
+            _steady_targets(polite, capacity, "honouring")
+            if (polite := results.get("overload_polite"))
+            else []
+        ),
         Target(
             "admitted p99 latency",
             None if over["all"]["ok_ms"]["p99"] is None else over["all"]["ok_ms"]["p99"] / 1000,
@@ -276,23 +266,24 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
     return targets
 
 
-def _polite_targets(polite: dict[str, Any] | None, capacity: float) -> list[Target]:
-    """Goodput and refusal latency when the clients honour Retry-After (phase b2)."""
-    if polite is None:
-        return []
-    steady = polite["steady"]
+def _steady_targets(
+    over: dict[str, Any], capacity: float, clients: str, unit: str = ""
+) -> list[Target]:
+    """Goodput and refusal latency of an overload phase whose clients are `clients` (ignoring
+    or honouring) Retry-After."""
+    steady = over["steady"]
     goodput_pct = 100 * steady["ok_per_s"] / capacity if capacity else None
     p99 = steady["refused_ms"]["p99"]
     return [
         Target(
-            f"goodput at {polite['connections']} conns honouring Retry-After",
+            f"goodput at {over['connections']} conns {clients} Retry-After{unit}",
             None if goodput_pct is None else round(goodput_pct, 1),
             "%",
             f">= {GOODPUT_MIN_PCT:g}%",
             None if goodput_pct is None else goodput_pct >= GOODPUT_MIN_PCT,
         ),
         Target(
-            "refusals to clients honouring Retry-After: p99 latency of 503s",
+            f"refusals to clients {clients} Retry-After: p99 latency of 503s",
             p99,
             "ms",
             f"<= {REFUSAL_P99_MAX_MS:g} ms",
@@ -719,13 +710,7 @@ def measure_capacity(setup: Setup, port: int, workdir: Path) -> dict[str, Any]:
         "wrk": None,
     }
     if shutil.which("wrk"):
-        entries = []
-        for k, payload in enumerate(cnn_payloads(setup.repository)):
-            body_file = workdir / f"cnn-{k}.body"
-            body_file.write_bytes(payload.body)
-            entries.append((payload.path, body_file, payload.headers))
-        manifest = workdir / "cnn.tsv"
-        manifest.write_text(manifest_text(entries))
+        manifest = write_requests(cnn_payloads(setup.repository), workdir, "cnn")
         seconds = max(1, round(setup.capacity_s))
         text, _, _ = run_wrk(
             f"http://127.0.0.1:{port}", manifest, CAPACITY_CONNS, seconds,
@@ -954,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": started,
         "finished": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "load_average": {"start": load_start, "end": load_average()},
-        "machine": machine_info() if shutil.which("wrk") else {"cpu": "?", "cores": os.cpu_count()},
+        "machine": machine_info(),
         "config": {
             "server_cpus": args.server_cpus,
             "client_cpus": args.client_cpus,

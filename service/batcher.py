@@ -78,18 +78,20 @@ class Reservation:
 
     def take(self, batcher: Batcher) -> bool:
         """Use the slot for a request to `batcher` (False: it is for another batcher, or used)."""
-        if self.open and batcher is self.batcher:
-            self.open = False
-            batcher._reserved -= 1
-            return True
-        return False
+        return batcher is self.batcher and self.close()
 
     def release(self) -> None:
-        """Give the slot back unused."""
-        if self.open:
-            self.open = False
-            self.batcher._reserved -= 1
+        """Give the slot back unused: room for the next waiter."""
+        if self.close():
             self.batcher._offer_room()
+
+    def close(self) -> bool:
+        """Free the slot (False: it was freed already)."""
+        if not self.open:
+            return False
+        self.open = False
+        self.batcher._reserved -= 1
+        return True
 
 
 #: Called when a queue has room: given a Reservation (None: the batcher closed), True if kept.
@@ -177,8 +179,7 @@ class Batcher:
                 continue
             reservation = Reservation(self)
             if not waiter(reservation):
-                reservation.open = False
-                self._reserved -= 1
+                reservation.close()  # not kept: offer it to the next waiter
 
     async def submit(
         self,

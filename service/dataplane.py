@@ -211,24 +211,14 @@ class DataPlane:
         gone: Callable[[], bool] | None = None,
     ) -> Answer:
         """POST /v2/models/{name}[/versions/{version}]/infer."""
-        if not self.offloaded(body, headers):
-            started = self.begin_v2(name, version, body, headers, gone)
-            if isinstance(started, Answer):
-                return started
-            call, pending = started
-            try:
-                await pending.future
-            except asyncio.CancelledError:  # the caller gave up: never run it if still queued
-                call.model.batcher.cancel(pending)
-                raise
-            except Exception:  # end_v2 answers it
-                pass
-            return self.end_v2(call, pending.future)
         start = time.perf_counter()
         model = None
         try:
             model = self.repository.get(name, version)
-            request = await asyncio.to_thread(self.decode_v2, model, body, headers)
+            if self.offloaded(body, headers):
+                request = await asyncio.to_thread(self.decode_v2, model, body, headers)
+            else:
+                request = self.decode_v2(model, body, headers)
             result, wanted = await self.infer(model, request, gone)
         except Exception as exc:
             return error_answer(self.failed(name, version, exc, model, start))
@@ -242,8 +232,9 @@ class DataPlane:
         headers: dict[str, str],
         gone: Callable[[], bool] | None = None,
     ) -> tuple[V2Call, Pending] | Answer:
-        """Decode, validate and queue a v2 body that is not `offloaded`, without a coroutine;
-        `end_v2` answers once the future is done. An Answer here is a refusal."""
+        """`infer_v2` without a coroutine, for a body that is not `offloaded` (the direct lane):
+        decode, validate and queue; `end_v2` answers once the future is done. An Answer here is
+        a refusal."""
         start = time.perf_counter()
         model = None
         try:

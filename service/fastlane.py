@@ -17,7 +17,6 @@ the OpenAPI schema and serve when the lanes are off.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,11 +26,9 @@ from starlette.types import Receive, Scope, Send
 from service.batcher import Reservation
 from service.dataplane import Answer, DataPlane, error_answer, json_too_large
 from service.errors import PayloadTooLarge, ServeError
+from service.routes import infer_route
 from service.security import ANONYMOUS_CALLER, Caller, Guard, log_access
 from service.transport import check_length, disconnect_probe, read_body, send_answer
-
-INFER = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
-PREDICT = re.compile(r"^/v1/models/(?P<model>[^/:]+)(?:/versions/(?P<version>[^/:]+))?:predict$")
 
 
 async def answer_infer(
@@ -67,16 +64,12 @@ class FastLane:
         """Serve `scope` if it is an infer route; False leaves it to FastAPI."""
         if scope["type"] != "http" or scope["method"] != "POST":
             return False
-        path = scope["path"]
-        match, kind = INFER.match(path), "v2"
-        if match is None:
-            match, kind = PREDICT.match(path), "v1"
-            if match is None:
-                return False
+        route = infer_route(scope["path"])
+        if route is None:
+            return False
+        kind, model, version = route
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        answer = await answer_infer(
-            self.dataplane, kind, match["model"], match["version"], headers, receive
-        )
+        answer = await answer_infer(self.dataplane, kind, model, version, headers, receive)
         await send_answer(send, answer)
         return True
 
@@ -126,15 +119,12 @@ class DirectLane:
         path = url.split(b"?", 1)[0]
         if b"%" in path or not (path.endswith(b"/infer") or path.endswith(b":predict")):
             return None  # percent-encoded paths are left to the ASGI app, which decodes them
-        text = path.decode("latin-1")
-        match, kind = INFER.match(text), "v2"
-        if match is None:
-            match, kind = PREDICT.match(text), "v1"
-            if match is None:
-                return None
-        model, version = match["model"], match["version"]
+        route = infer_route(path.decode("latin-1"))
+        if route is None:
+            return None
+        kind, model, version = route
         try:
-            caller = self.guard.check_request("POST", text, raw_headers) if self.guard else None
+            caller = self.guard.check_request("POST", "infer", raw_headers) if self.guard else None
         except ServeError as exc:
             return error_answer(exc)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}

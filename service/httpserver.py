@@ -134,8 +134,6 @@ class OneWrite:
 
     def write_whole(self, response: bytes) -> None:
         """A whole response (the direct lane's) in one write."""
-        if response.startswith(b"HTTP/1.1 503"):
-            self.retry_after = _retry_after(response)
         self._transport.write(response)
 
     def flush(self) -> None:
@@ -227,7 +225,11 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         self.transport.resume_reading()
-        if self.timeout_keep_alive_task is None:
+        self._arm_keep_alive()
+
+    def _arm_keep_alive(self) -> None:
+        """The keep-alive timer, unless it is armed already (closes an idle connection)."""
+        if self.timeout_keep_alive_task is None and not self.transport.is_closing():
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
             )
@@ -285,10 +287,7 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         cycle.more_body = False
         if cycle.request is None or cycle.response_complete:
-            if self.timeout_keep_alive_task is None and not self.transport.is_closing():
-                self.timeout_keep_alive_task = self.loop.call_later(
-                    self.timeout_keep_alive, self.timeout_keep_alive_handler
-                )
+            self._arm_keep_alive()
             return
         task = self._lane_guarded(
             self.lane.run, cycle.request, cycle.gone, partial(self._lane_respond, cycle)
@@ -343,9 +342,11 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         keep_alive = cycle.keep_alive
         transport.write_whole(encode_answer(answer, keep_alive))
+        retry = answer.headers.get("Retry-After", "")
+        retry_s = float(retry) if retry.isdigit() else 0.0
         room = answer.room
-        if room is not None:
-            transport.retry_after = 0.0  # a full queue: wait for room, not a fixed hold-off
+        if room is None:  # a full queue waits for room instead of a fixed hold-off
+            transport.retry_after = retry_s
         if self.lane is not None and self.lane.access_log:
             caller = cycle.request.caller if cycle.request is not None else None
             self.lane.log(caller, self.client, cycle.url, answer.status)
@@ -353,8 +354,7 @@ class GuardedProtocol(HttpToolsProtocol):
             transport.close()
         self.on_response_complete()
         if room is not None and not self._draining and not transport.is_closing():
-            retry = answer.headers.get("Retry-After", "1")
-            self._wait_for_room(room, float(retry) if retry.isdigit() else 1.0)
+            self._wait_for_room(room, retry_s or 1.0)
 
     # -- refused for a full queue: wait for room --------------------------------------------
     def _wait_for_room(self, batcher: Batcher, seconds: float) -> None:

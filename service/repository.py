@@ -140,6 +140,15 @@ class _Failure:
     source: tuple[Stamp, Stamp] = (None, None)
 
 
+def is_model_dir(path: Path) -> bool:
+    """A model folder: not hidden, holding a config.json or a version folder."""
+    if path.name.startswith(".") or not path.is_dir():
+        return False
+    return (path / CONFIG_FILE).is_file() or any(
+        c.name.isdigit() and c.is_dir() for c in path.iterdir()
+    )
+
+
 class Repository:
     """Models on disk and the versions of them that are loaded."""
 
@@ -169,15 +178,11 @@ class Repository:
         """Names of the model folders: those holding a config.json or a version folder."""
         if not self.root.is_dir():
             return []
-        names = []
-        for p in self.root.iterdir():
-            if p.name.startswith(".") or not p.is_dir():
-                continue
-            if (p / CONFIG_FILE).is_file() or any(
-                c.name.isdigit() and c.is_dir() for c in p.iterdir()
-            ):
-                names.append(p.name)
-        return sorted(names)
+        return sorted(p.name for p in self.root.iterdir() if is_model_dir(p))
+
+    def has_on_disk(self, name: str) -> bool:
+        """Whether `name` is a model folder (`on_disk` for one name, without listing them all)."""
+        return self.root.is_dir() and is_model_dir(self.root / name)
 
     def index(self) -> list[dict]:
         """Every model on disk or loaded, each version with its state (the repository index)."""
@@ -311,7 +316,7 @@ class Repository:
     async def _reconcile(self, name: str, force: bool, poll: bool) -> list[LoadedModel]:
         folder = self.root / name
         current = self._loaded.get(name, {})
-        if name not in self.on_disk():
+        if not self.has_on_disk(name):
             if current:
                 await self._unload(name)
             raise NotFound(f"no model '{name}' in the repository")
@@ -354,7 +359,9 @@ class Repository:
             return list(current.values())
         if not current:
             self._loading.add(name)
-        results = await asyncio.to_thread(self._build_versions, name, doc, build, stamps)
+        results = await asyncio.to_thread(
+            self._build_versions, name, doc, build, (config_stamp, stamps)
+        )
         built = {}
         for version, outcome in results.items():
             if isinstance(outcome, LoadedModel):
@@ -422,7 +429,7 @@ class Repository:
 
     async def unload(self, name: str) -> None:
         """Stop serving a model (the unload API); requests already accepted finish first."""
-        if name not in self._loaded and name not in self.on_disk():
+        if name not in self._loaded and not self.has_on_disk(name):
             raise NotFound(f"unknown model '{name}'")
         async with self._locks.setdefault(name, asyncio.Lock()):
             self._unloaded.add(name)
@@ -473,15 +480,20 @@ class Repository:
 
     # -- building (worker threads) ----------------------------------------------------------
     def _build_versions(
-        self, name: str, doc: dict | None, versions: list[int], stamps: dict[int, Stamp]
+        self,
+        name: str,
+        doc: dict | None,
+        versions: list[int],
+        stamps: tuple[Stamp, dict[int, Stamp]],
     ) -> dict[int, LoadedModel | ServeError]:
-        """Build and warm each version; a failure is returned as the error it answers with."""
+        """Build and warm each version; a failure is returned as the error it answers with.
+        `stamps`: the config's and each model file's, as `reconcile` read them."""
         out: dict[int, LoadedModel | ServeError] = {}
-        config_stamp = stamp(self.root / name / CONFIG_FILE)
+        config_stamp, file_stamps = stamps
         for version in versions:
             try:
                 model = self._build_version(name, doc, version)
-                model.source = (config_stamp, stamps.get(version))
+                model.source = (config_stamp, file_stamps.get(version))
                 out[version] = model
             except ConfigError as exc:
                 out[version] = BadRequest(f"model '{name}' version {version}: {exc}")

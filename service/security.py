@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import BadRequest, Forbidden, ServeError
+from service.routes import infer_route
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 RELOAD_CHECK_S = 1.0
 
 _PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready"})
-_INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$|^/v1/models/[^/]+:predict$")
 #: What a cross-site form or fetch() may send without a CORS preflight ("" = no body).
 _SIMPLE_CONTENT_TYPES = frozenset(
     {b"", b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data"}
@@ -60,7 +60,7 @@ def required_scope(method: str, path: str) -> str | None:
     """The scope a route needs (None: none, e.g. health)."""
     if path in _PUBLIC:
         return None
-    if method == "POST" and _INFER.match(path):
+    if method == "POST" and infer_route(path):
         return "infer"
     if _ADMIN.match(path):
         return "admin"
@@ -203,10 +203,14 @@ class Guard:
 
     def check(self, scope: MutableMapping[str, Any]) -> Caller:
         """Who the caller is; raises the refusal (400/401/403) otherwise."""
-        return self.check_request(scope["method"], scope["path"], scope["headers"])
+        method = scope["method"]
+        return self.check_request(method, required_scope(method, scope["path"]), scope["headers"])
 
-    def check_request(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Caller:
-        """`check` on a request's parts (headers as lower-case names and values)."""
+    def check_request(
+        self, method: str, needed: str | None, headers: list[tuple[bytes, bytes]]
+    ) -> Caller:
+        """`check` for a request needing the scope `needed` (None: none), from its method and
+        headers (lower-case names, raw values)."""
         host = authorization = origin = content_type = None
         for name, value in headers:
             if name == b"host":
@@ -219,7 +223,6 @@ class Guard:
                 content_type = value
         if not self.any_host:
             self._check_host(host, origin)
-        needed = required_scope(method, path)
         if needed is None:
             return ANONYMOUS_CALLER
         caller = self.authenticate(authorization, needed)

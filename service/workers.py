@@ -91,8 +91,9 @@ def worker_count(settings: Settings) -> int:
 
 def worker_threads(settings: Settings, workers: int, cores: int) -> int:
     """Intra-op threads per session in each worker: its share of the cores, or less if asked."""
-    share = max(1, cores // workers)
-    return min(settings.intra_op_threads, share) if settings.intra_op_threads else share
+    from service.runtime import intra_op_threads
+
+    return intra_op_threads(settings.intra_op_threads, workers, cores)
 
 
 def bind(settings: Settings) -> socket.socket:

@@ -6,17 +6,14 @@ the integration test sends real requests through the app and reads `/metrics`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
 from service.config import Settings
 from service.metrics import SATURATION_TARGET_S, SATURATION_WINDOW_S, Metrics
-from tests.conftest import samples
+from tests.test_app import client_for, cnn_body
 
 TAU = SATURATION_WINDOW_S
 unit = pytest.mark.unit
@@ -171,32 +168,22 @@ def test_target_and_window_must_be_positive():
     assert Metrics().saturation_target_s == SATURATION_TARGET_S == 0.05
 
 
-@contextlib.asynccontextmanager
-async def client_for(settings: Settings):
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            yield app, client
-
-
 @pytest.mark.integration
 async def test_the_server_exports_the_saturation_of_the_requests_it_answered(repository):
     """K requests: the queue histogram counts K, and the gauge lies between the smallest and the
     largest queue time the server reported for them (all within one window, so each weighs
     more than 1/e), over the app's target."""
-    x = samples(repository, "cnn")[:1]
-    body = {"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32",
-                        "data": x.ravel().tolist()}]}  # fmt: skip
+    body = cnn_body(repository, rows=1)
     k = 20
-    async with client_for(Settings(repository=repository, models=["cnn"])) as (app, client):
+    settings = Settings(repository=repository, models=["cnn"])
+    async with client_for(settings) as client:
         queued_ms = []
         for _ in range(k):
             r = await client.post("/v2/models/cnn/infer", json=body)
             assert r.status_code == 200, r.text
             queued_ms.append(r.json()["parameters"]["queue_ms"])
         text = (await client.get("/metrics")).text
-    target_s = app.state.metrics.saturation_target_s
+    target_s = settings.saturation_target_ms / 1000  # what create_app gives its Metrics
     found = {
         (s.name, s.labels.get("model")): s.value
         for family in text_string_to_metric_families(text)

@@ -26,13 +26,17 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
+    try:
+        wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
+        first = (wrk.stdout or wrk.stderr).splitlines()
+    except OSError:  # wrk is not installed
+        first = []
     return {
         "cpu": model,
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "wrk": (wrk.stdout or wrk.stderr).splitlines()[0] if (wrk.stdout or wrk.stderr) else None,
+        "wrk": first[0] if first else None,
         "packages": {
             d: _version(d)
             for d in (

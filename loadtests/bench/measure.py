@@ -18,7 +18,7 @@ from loadtests.bench.cells import NOISY_PCT, WRK_SATURATED_PCT, CellSpec
 from loadtests.bench.cpu import cpu_times, foreign_cpu_pct, parse_cpu_list, process_ticks
 from loadtests.bench.grpcload import grpc_command
 from loadtests.bench.models import ModelInfo
-from loadtests.bench.payloads import DISTINCT_BODIES, manifest_text, request_rows
+from loadtests.bench.payloads import DISTINCT_BODIES, request_rows, write_requests
 from loadtests.bench.wrk import parse_wrk_output, run_generator, run_wrk
 from loadtests.payloads import GRPC, Payload, make_payload
 from loadtests.prom import mean_batch_size
@@ -122,17 +122,13 @@ class Options:
 def write_manifest(spec: CellSpec, info: ModelInfo, workdir: Path) -> tuple[Path, Payload]:
     """Bodies and the manifest for a cell (shared by cells of the same payload); first payload."""
     stem = f"{spec.model}-{spec.protocol}-r{spec.rows}"
-    manifest = workdir / "payloads" / f"{stem}.tsv"
+    folder = workdir / "payloads"
+    manifest = folder / f"{stem}.tsv"
     arrays = request_rows(info.samples, spec.rows, DISTINCT_BODIES)
     payloads = [make_payload(spec.model, spec.protocol, {info.input: a}) for a in arrays]
     if not manifest.exists():
-        manifest.parent.mkdir(parents=True, exist_ok=True)
-        entries = []
-        for k, p in enumerate(payloads):
-            body_file = manifest.parent / f"{stem}-{k}.body"
-            body_file.write_bytes(p.body)
-            entries.append((p.path, body_file, p.headers))
-        manifest.write_text(manifest_text(entries))
+        folder.mkdir(parents=True, exist_ok=True)
+        write_requests(payloads, folder, stem)
     return manifest, payloads[0]
 
 

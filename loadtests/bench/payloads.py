@@ -3,7 +3,9 @@ loadtests/wrk/post.lua reads. Requests themselves are `loadtests.payloads.make_p
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -25,3 +27,24 @@ def manifest_text(entries: list[tuple[str, Path, dict[str, str]]]) -> str:
             raise ValueError(f"tab or newline in a manifest field: {fields}")
         lines.append("\t".join(fields))
     return "\n".join(lines) + "\n"
+
+
+class Request(Protocol):
+    """A request for post.lua: `loadtests.payloads.Payload` is one."""
+
+    path: str
+    body: bytes
+    headers: dict[str, str]
+
+
+def write_requests(requests: Iterable[Request], folder: Path, stem: str) -> Path:
+    """Each request's body as `folder/stem-K.body`, and the manifest naming them
+    (`folder/stem.tsv`, returned) for loadtests/wrk/post.lua."""
+    entries = []
+    for k, request in enumerate(requests):
+        body_file = folder / f"{stem}-{k}.body"
+        body_file.write_bytes(request.body)
+        entries.append((request.path, body_file, request.headers))
+    manifest = folder / f"{stem}.tsv"
+    manifest.write_text(manifest_text(entries))
+    return manifest

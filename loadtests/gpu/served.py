@@ -10,16 +10,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtests.bench.payloads import manifest_text
+from loadtests.bench.payloads import request_rows, write_requests
 from loadtests.bench.wrk import parse_wrk_output, wrk_command
-from loadtests.gpu.inprocess import rows_of
-from loadtests.gpu.loadgen import Request, run_load
+from loadtests.gpu.loadgen import run_load
 from loadtests.gpu.parity import Model
+from loadtests.payloads import V2_BINARY, Payload, make_payload
 from loadtests.serverproc import free_port, serve_command, serving
-from service.codec import encode_request
 
 DISTINCT = 16  # different real bodies cycled per cell
-HEADER = "Inference-Header-Content-Length"
 
 
 @dataclass(frozen=True)
@@ -44,27 +42,16 @@ CELLS = (
 )
 
 
-def requests_for(model: Model, rows: int, count: int = DISTINCT) -> list[Request]:
+def requests_for(model: Model, rows: int, count: int = DISTINCT) -> list[Payload]:
     """`count` v2 binary infer requests of `rows` real samples each (all outputs binary)."""
-    found = []
-    for k in range(count):
-        array = rows_of(model.inputs, rows, offset=k * rows)
-        body, head = encode_request({model.input_name: array})
-        headers = {"Content-Type": "application/octet-stream", HEADER: str(head)}
-        found.append(Request(f"/v2/models/{model.name}/infer", body, headers))
-    return found
+    arrays = request_rows(model.inputs, rows, count)
+    return [make_payload(model.name, V2_BINARY, {model.input_name: a}) for a in arrays]
 
 
-def with_wrk(url: str, requests: list[Request], connections: int, seconds: int) -> dict:
+def with_wrk(url: str, requests: list[Payload], connections: int, seconds: int) -> dict:
     """The same load through wrk and loadtests/wrk/post.lua (bodies in a temporary folder)."""
     with tempfile.TemporaryDirectory(prefix="gpu-check-wrk-") as folder:
-        entries = []
-        for k, request in enumerate(requests):
-            body_file = Path(folder) / f"body-{k}.bin"
-            body_file.write_bytes(request.body)
-            entries.append((request.path, body_file, request.headers))
-        manifest = Path(folder) / "requests.tsv"
-        manifest.write_text(manifest_text(entries))
+        manifest = write_requests(requests, Path(folder), "requests")
         cmd = wrk_command(url, manifest, connections, seconds)
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
     doc = parse_wrk_output(out.stdout + out.stderr)
@@ -81,7 +68,7 @@ def with_wrk(url: str, requests: list[Request], connections: int, seconds: int) 
     }
 
 
-def load(url: str, requests: list[Request], connections: int, seconds: int) -> dict:
+def load(url: str, requests: list[Payload], connections: int, seconds: int) -> dict:
     """Run one load with wrk if installed, else with the Python load generator."""
     if shutil.which("wrk"):
         return with_wrk(url, requests, connections, seconds)
