@@ -412,7 +412,10 @@ class GuardedProtocol(HttpToolsProtocol):
     def shutdown(self) -> None:
         """Finish the request in hand; an idle connection gets a drain window first. A
         connection held after a refusal is read again at once: a retry waiting unread in the
-        kernel's buffers is answered in the window, not reset."""
+        kernel's buffers is answered in the window, not reset. Called once per connection (a
+        connection that starts while the listener closes may be told twice)."""
+        if self._draining:
+            return
         self._draining = True
         self._held_on = None
         if self._hold_timer is not None:
@@ -452,8 +455,10 @@ class AcceptAll:
     """A listening socket served by accepting every pending connection each time it is ready.
 
     uvloop's libuv accepts one connection per loop iteration: under overload a new connection (a
-    liveness probe) waited behind hundreds, 5 s and more (docs/hardening.md). Closing stops
-    accepting; uvicorn closes the socket itself.
+    liveness probe) waited behind hundreds, 5 s and more (docs/hardening.md). Closing accepts
+    what the kernel has queued already, so a client whose handshake is done and whose request
+    may be on the wire is answered in the drain, not reset when the socket closes; uvicorn
+    closes the socket itself.
     """
 
     def __init__(
@@ -465,13 +470,16 @@ class AcceptAll:
         backlog: int,
     ) -> None:
         self.loop, self.sock, self.factory, self.ssl = loop, sock, factory, ssl
+        self.backlog = backlog
+        self.closed = False
+        self._connecting: set[asyncio.Task[None]] = set()
         sock.listen(backlog)
         sock.setblocking(False)
         self._fd = sock.fileno()
         loop.add_reader(self._fd, self._accept)
 
-    def _accept(self) -> None:
-        for _ in range(ACCEPT_BATCH):
+    def _accept(self, most: int = ACCEPT_BATCH) -> None:
+        for _ in range(most):
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -479,21 +487,35 @@ class AcceptAll:
             except OSError as exc:  # out of descriptors: stop listening for a moment
                 log.warning("accept failed (%s); pausing accepts for 100 ms", exc)
                 self.loop.remove_reader(self._fd)
-                self.loop.call_later(0.1, self.loop.add_reader, self._fd, self._accept)
+                self.loop.call_later(0.1, self._listen_again)
                 return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.loop.create_task(self._connect(conn))
+            task = self.loop.create_task(self._connect(conn))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
+
+    def _listen_again(self) -> None:
+        if not self.closed:
+            self.loop.add_reader(self._fd, self._accept)
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            await self.loop.connect_accepted_socket(self.factory, conn, ssl=self.ssl)
+            _, protocol = await self.loop.connect_accepted_socket(self.factory, conn, ssl=self.ssl)
         except Exception as exc:  # a TLS handshake that failed, a peer that went away
             log.debug("connection dropped before it started: %s", exc)
             conn.close()
+            return
+        if self.closed:  # accepted before the listener closed, started after: drained too
+            protocol.shutdown()
 
     def close(self) -> None:
+        """Stop accepting, after accepting what is queued (those connections drain too)."""
+        if self.closed:
+            return
         self.loop.remove_reader(self._fd)
+        self._accept(most=self.backlog)
+        self.closed = True
 
     async def wait_closed(self) -> None:
         return None

@@ -1,8 +1,10 @@
 """Timeouts and shutdown against a real server: stalled uploads are cut off with a 408, and
-SIGTERM under load answers every request it has, never resets one, and exits 0 in time."""
+SIGTERM under load answers every request it has (connections still in the accept queue too),
+never resets one, and exits 0 in time."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import threading
@@ -12,10 +14,12 @@ from collections import Counter
 import httpx
 import numpy as np
 import pytest
+import uvloop
 
+from service.httpserver import AcceptAll
 from tests.conftest import run_server
 
-pytestmark = pytest.mark.e2e
+e2e, unit = pytest.mark.e2e, pytest.mark.unit
 
 
 def _cnn_body() -> dict:
@@ -42,6 +46,7 @@ def _read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+@e2e
 def test_stalled_headers_and_bodies_get_a_408_and_the_connection_closes(repository, tmp_path):
     flags = ("--header-timeout-s", "1", "--body-timeout-s", "1")
     with run_server(repository, tmp_path, *flags) as srv:
@@ -86,6 +91,7 @@ class Client(threading.Thread):
                 self.statuses[r.status_code] += 1
 
 
+@e2e
 def test_sigterm_under_load_answers_everything_and_exits_0(repository, tmp_path):
     with run_server(repository, tmp_path, "--graceful-timeout-s", "5") as srv:
         clients = [Client(srv.url) for _ in range(16)]
@@ -112,6 +118,7 @@ def test_sigterm_under_load_answers_everything_and_exits_0(repository, tmp_path)
     assert took <= 5 + 1 + 1.5, f"shutdown took {took:.1f} s"  # graceful + 1 s (+ drain, slack)
 
 
+@e2e
 def test_responses_without_a_body_and_interim_100_continue_are_not_held(server):
     with httpx.Client(base_url=server.url, timeout=5) as client:  # one keep-alive connection
         head = client.head("/v2/health/live")
@@ -120,3 +127,38 @@ def test_responses_without_a_body_and_interim_100_continue_are_not_held(server):
         body = _cnn_body()
         r = client.post("/v2/models/cnn/infer", json=body, headers={"Expect": "100-continue"})
         assert r.status_code == 200
+
+
+class _Recorder(asyncio.Protocol):
+    """Records what the listener does with a connection."""
+
+    made: list[_Recorder] = []
+
+    def __init__(self) -> None:
+        self.drained = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        _Recorder.made.append(self)
+
+    def shutdown(self) -> None:
+        self.drained += 1
+
+
+@unit
+def test_closing_the_listener_accepts_the_queued_connections_and_drains_them():
+    """A connection whose handshake the kernel finished (its request may be on the wire) when
+    the server stops listening is accepted and drained, not reset with the socket."""
+
+    async def main() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        accept = AcceptAll(asyncio.get_running_loop(), listener, _Recorder, None, 16)
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        accept.close()  # before the loop ever saw the listener ready
+        listener.close()
+        await asyncio.sleep(0.05)
+        for c in clients:
+            c.close()
+
+    _Recorder.made = []
+    uvloop.run(main())
+    assert [p.drained for p in _Recorder.made] == [1, 1, 1]
