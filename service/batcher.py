@@ -2,7 +2,13 @@
 
 Contract for `run`: given a dict of input arrays whose first axis holds N rows, return a dict of
 output arrays whose first axis holds the same N rows in the same order. `run` executes in a
-worker thread of `executor` (ONNX Runtime releases the GIL), never on the event loop.
+worker thread of `executor` (ONNX Runtime releases the GIL), with one exception for light
+load: a lone one-row request runs on the event loop itself when that input shape's one-row runs
+take under `inline_ns` on average (the two thread hops cost more than a run that small: the loop
+is held no longer than one request's parsing holds it). Only when nothing else is queued or in
+flight, the last batch was a lone request too, and no batch started earlier in the same turn of
+the loop: under load, requests that arrive together (one turn's reads) go to the thread and
+merge, and merged batches keep the next ones off the loop, so batching is never traded away.
 
 Dispatch rule: a batch leaves as soon as an instance is free and either nothing else is in flight
 (an idle batcher runs a lone request at once), `max_batch_size` rows are waiting, or the oldest
@@ -33,6 +39,7 @@ ONLINE, BACKGROUND = 0, 1
 #: A deadline passed by less than this is not "late": a request given a tiny timeout that is
 #: dispatched in its own `submit` runs (it never waited).
 LATE_S = 0.001
+MAX_LONE_SHAPES = 64
 
 
 @dataclass(slots=True)
@@ -123,6 +130,9 @@ class Batcher:
     #: After each batch: (requests, rows, input ns, infer ns, output ns) - the time to join the
     #: inputs, to run, and to split the outputs.
     on_batch: Callable[[int, int, int, int, int], None] | None = None
+    #: A lone one-row request on an idle batcher runs on the loop when its shape's one-row runs
+    #: average under this many ns (0: never; see the module docstring).
+    inline_ns: int = 0
 
     def __post_init__(self) -> None:
         self._queues: tuple[deque[Pending], deque[Pending]] = (deque(), deque())  # online, jobs
@@ -134,6 +144,9 @@ class Batcher:
         self._idle.set()
         self._reserved = 0  # slots held by Reservations
         self._room_waiters: deque[RoomWaiter] = deque()
+        self._lone_ns: dict[tuple, int] = {}  # batch key -> one-row run time, moving average
+        self._last_batch = 0  # requests in the batch launched last
+        self._launched_this_turn = False  # a batch started in this turn of the event loop
 
     @property
     def depth(self) -> int:
@@ -337,6 +350,12 @@ class Batcher:
             else:
                 inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
             input_ns = int((time.perf_counter() - start) * 1e9)
+            inline = self._inline(batch)
+            self._note_launch(len(batch))
+            if inline:
+                self._inflight += 1
+                self._finish(batch, start, input_ns, self._run_here(inputs))
+                return
             work = self.executor.submit(self._timed_run, inputs)
         except Exception as exc:  # nothing was started: every caller of the batch learns why
             for item in batch:
@@ -347,6 +366,34 @@ class Batcher:
         work.add_done_callback(
             lambda done: loop.call_soon_threadsafe(self._finish, batch, start, input_ns, done)
         )
+
+    def _inline(self, batch: list[Pending]) -> bool:
+        """Whether this batch runs on the loop (see the module docstring)."""
+        if self._inflight or self.depth or self._launched_this_turn or self._last_batch != 1:
+            return False
+        if len(batch) != 1 or batch[0].rows != 1:
+            return False
+        measured = self._lone_ns.get(batch[0].key)
+        return measured is not None and measured < self.inline_ns
+
+    def _note_launch(self, requests: int) -> None:
+        self._last_batch = requests
+        if self.inline_ns and not self._launched_this_turn:
+            self._launched_this_turn = True
+            assert self._loop is not None
+            self._loop.call_soon(self._new_turn)
+
+    def _new_turn(self) -> None:
+        self._launched_this_turn = False
+
+    def _run_here(self, inputs: Arrays) -> Future:
+        """`_timed_run` on this thread, its outcome in a finished Future (as a worker's)."""
+        done: Future = Future()
+        try:
+            done.set_result(self._timed_run(inputs))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
 
     def _timed_run(self, inputs: Arrays) -> tuple[Arrays, int]:
         start = time.perf_counter_ns()
@@ -371,6 +418,8 @@ class Batcher:
                     item.future.set_exception(exc)
             self._pump()
             return
+        if rows == 1 and self.inline_ns:
+            self._measure_lone(batch[0].key, infer_ns)
         split = time.perf_counter()
         offset = 0
         for item in batch:
@@ -385,3 +434,11 @@ class Batcher:
             output_ns = int((time.perf_counter() - split) * 1e9)
             self.on_batch(len(batch), rows, input_ns, infer_ns, output_ns)
         self._pump()
+
+    def _measure_lone(self, key: tuple, infer_ns: int) -> None:
+        """Fold a one-row run's time into its shape's moving average (a few dozen shapes kept)."""
+        last = self._lone_ns.get(key)
+        if last is not None:
+            self._lone_ns[key] = (3 * last + infer_ns) // 4
+        elif len(self._lone_ns) < MAX_LONE_SHAPES:
+            self._lone_ns[key] = infer_ns

@@ -108,6 +108,11 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
         "--no-batching", dest="batching", action="store_const", const=False,
         help="run each request on its own",
     )  # fmt: skip
+    s.add_argument(
+        "--inline-compute-us", type=float, metavar="US",
+        help="run a lone one-row request to an idle model on the event loop when the model's "
+        "one-row runs take under this (default 200; 0: never)",
+    )  # fmt: skip
     s.add_argument("--max-body-bytes", type=int)
     s.add_argument("--max-json-body-bytes", type=int, help="JSON bodies (default 2 MiB)")
     s.add_argument("--max-rows", type=int, help="rows per request (default 4096)")

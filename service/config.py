@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     )
 
     batching: bool = Field(default=True, description="False runs every request on its own.")
+    inline_compute_us: float = Field(
+        default=200.0,
+        ge=0,
+        description="A lone one-row request to an idle model whose one-row runs take under this "
+        "runs on the event loop, sparing two thread hops (0: always in the model's thread).",
+    )
     default_batching: BatchingOverride = Field(default_factory=BatchingOverride)
     model_overrides: dict[str, BatchingOverride] = Field(default_factory=dict)
 

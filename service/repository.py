@@ -564,6 +564,7 @@ class Repository:
             timeout_ms=batching.timeout_ms,
             instances=instances,
             on_batch=on_batch,
+            inline_ns=int(self.settings.inline_compute_us * 1000),
         )
         return LoadedModel(
             name, version, config, batching, instances, runtime, batcher, metrics, executor,

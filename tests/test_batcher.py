@@ -24,10 +24,12 @@ class FakeModel:
         self.gate = threading.Event()
         self.gate.set()
         self.threads: set[str] = set()
+        self.where: list[str] = []  # each run's thread, in order
 
     def __call__(self, inputs):
         self.gate.wait(5)
         self.threads.add(threading.current_thread().name)
+        self.where.append(threading.current_thread().name)
         x = inputs["x"]
         self.calls.append(x.shape[0])
         self.seen.append(x.copy())
@@ -257,3 +259,47 @@ async def test_room_goes_to_waiters_first_come_with_a_held_slot():
     await b.close()
     b.wait_for_room(waiter("closing", True))  # a closed batcher wakes waiters with no slot
     assert offered[-1] == ("closing", None)
+
+
+async def test_a_lone_small_run_goes_on_the_loop_once_measured_and_never_beside_others():
+    model = FakeModel()
+    b = make(model, max_batch_size=8, inline_ns=10**9, instances=2)
+    await b.submit(row(1))  # shape not measured yet: the model's thread
+    assert "MainThread" not in model.threads
+    r = await b.submit(row(2))  # measured, idle, one row: on the loop
+    assert "MainThread" in model.threads and r.outputs["y"].tolist() == [[4.0] * 3]
+    model.threads.clear()
+    await b.submit(row(3, width=5))  # another shape: measured first
+    await b.submit({"x": np.ones((2, 3), np.float32)})  # two rows: never on the loop
+    assert model.threads and "MainThread" not in model.threads
+    model.gate.clear()  # the model now waits at its gate: on the loop, a lone run would hang it
+    running = asyncio.ensure_future(b.submit({"x": np.ones((2, 3), np.float32)}))
+    await asyncio.sleep(0.01)
+    beside = asyncio.ensure_future(b.submit(row(4)))  # measured, but a batch is in flight
+    await asyncio.sleep(0.01)
+    assert not beside.done() and not running.done()
+    model.gate.set()
+    await asyncio.gather(running, beside)
+    assert "MainThread" not in model.threads
+
+
+async def test_nothing_runs_on_the_loop_when_inlining_is_off_or_the_model_is_slow():
+    for kw, model in (({"inline_ns": 0}, FakeModel()), ({"inline_ns": 1_000}, FakeModel(0.002))):
+        b = make(model, max_batch_size=8, **kw)
+        for i in range(3):
+            await b.submit(row(i))
+        assert "MainThread" not in model.threads, kw
+
+
+async def test_requests_that_arrive_together_merge_instead_of_running_on_the_loop():
+    model = FakeModel()
+    b = make(model, max_batch_size=8, inline_ns=10**9)
+    await b.submit(row(0))  # measured, and the last batch was a lone request
+    await asyncio.gather(*(b.submit(row(i)) for i in range(1, 6)))  # five in one turn
+    # the first may take the loop; the second goes to the thread; the other three merge
+    assert model.calls[1:] == [1, 1, 3]
+    assert model.where[1] == "MainThread" and "MainThread" not in model.where[2:]
+    await b.submit(row(6))  # after a merged batch: the thread, and a lone batch again
+    await b.submit(row(7))  # light load again: the loop
+    assert model.calls[-2:] == [1, 1] and model.where[-2:][1] == "MainThread"
+    assert model.where[-2] != "MainThread"
