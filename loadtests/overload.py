@@ -887,8 +887,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / f"overload-{stamp}.json",
                    help="results JSON (default runs/overload-<stamp>.json)")  # fmt: skip
-    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "hardening.md",
-                   help="Markdown file whose marked section gets the table")  # fmt: skip
+    p.add_argument("--docs", default=str(ROOT / "docs" / "hardening.md"),
+                   help="Markdown file whose marked section gets the table ('': none)")  # fmt: skip
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--client-cpus", default="1")
     p.add_argument("--capacity-s", type=float, default=10.0)
@@ -961,11 +961,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     section = render_markdown(results)
-    if str(args.docs):
+    if args.docs:
         docs = Path(args.docs)
         docs.write_text(replace_section(docs.read_text() if docs.exists() else "", section))
     say(section)
-    say(f"wrote {args.out}" + (f" and {args.docs}" if str(args.docs) else ""))
+    say(f"wrote {args.out}" + (f" and {args.docs}" if args.docs else ""))
     return 0
 
 
