@@ -9,6 +9,8 @@ is held no longer than one request's parsing holds it). Only when nothing else i
 flight, the last batch was a lone request too, and no batch started earlier in the same turn of
 the loop: under load, requests that arrive together (one turn's reads) go to the thread and
 merge, and merged batches keep the next ones off the loop, so batching is never traded away.
+Never for a model without a batch axis (its requests' sizes are not known by their shape key)
+and never on a GPU (the caller leaves `inline_ns` at 0: a CUDA session sets up per thread).
 
 Dispatch rule: a batch leaves as soon as an instance is free and either nothing else is in flight
 (an idle batcher runs a lone request at once), `max_batch_size` rows are waiting, or the oldest
@@ -371,8 +373,8 @@ class Batcher:
         """Whether this batch runs on the loop (see the module docstring)."""
         if self._inflight or self.depth or self._launched_this_turn or self._last_batch != 1:
             return False
-        if len(batch) != 1 or batch[0].rows != 1:
-            return False
+        if len(batch) != 1 or batch[0].rows != 1 or not self.max_batch_size:
+            return False  # (without a batch axis a "row" may be of any size)
         measured = self._lone_ns.get(batch[0].key)
         return measured is not None and measured < self.inline_ns
 

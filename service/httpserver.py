@@ -501,13 +501,20 @@ class AcceptAll:
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            _, protocol = await self.loop.connect_accepted_socket(self.factory, conn, ssl=self.ssl)
+            transport, _ = await self.loop.connect_accepted_socket(self.factory, conn, ssl=self.ssl)
         except Exception as exc:  # a TLS handshake that failed, a peer that went away
             log.debug("connection dropped before it started: %s", exc)
             conn.close()
             return
         if self.closed:  # accepted before the listener closed, started after: drained too
+            protocol: Any = transport.get_protocol()  # ours, also under TLS's own protocol
             protocol.shutdown()
+
+    async def started(self) -> None:
+        """Wait until every accepted connection has started (or failed to): at shutdown, so
+        that one still in its TLS handshake is drained before the server stops waiting."""
+        if self._connecting:
+            await asyncio.wait(list(self._connecting))
 
     def close(self) -> None:
         """Stop accepting, after accepting what is queued (those connections drain too)."""
@@ -546,11 +553,19 @@ class _Server(uvicorn.Server):
             AcceptAll(loop, sock, create_protocol, config.ssl, config.backlog) for sock in listeners
         ]
         self.servers = accepting
+        self._listeners: list[AcceptAll] = accepting
         self._owned = [] if sockets is not None else listeners
         self.started = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await super().shutdown([*(sockets or []), *getattr(self, "_owned", [])])
+
+    async def _wait_tasks_to_complete(self) -> None:
+        """uvicorn's wait for connections and tasks (bounded by the graceful timeout), after the
+        connections accepted while the listeners closed have started and been told to drain."""
+        for listener in getattr(self, "_listeners", []):
+            await listener.started()
+        await super()._wait_tasks_to_complete()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:

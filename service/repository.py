@@ -564,7 +564,8 @@ class Repository:
             timeout_ms=batching.timeout_ms,
             instances=instances,
             on_batch=on_batch,
-            inline_ns=int(self.settings.inline_compute_us * 1000),
+            # on a GPU, CUDA state is per thread: the loop would set up its own on first use
+            inline_ns=0 if runtime.on_gpu else int(self.settings.inline_compute_us * 1000),
         )
         return LoadedModel(
             name, version, config, batching, instances, runtime, batcher, metrics, executor,

@@ -303,3 +303,12 @@ async def test_requests_that_arrive_together_merge_instead_of_running_on_the_loo
     await b.submit(row(7))  # light load again: the loop
     assert model.calls[-2:] == [1, 1] and model.where[-2:][1] == "MainThread"
     assert model.where[-2] != "MainThread"
+
+
+async def test_a_model_without_a_batch_axis_never_runs_on_the_loop():
+    """Its requests' sizes are not in their shape key: a long one must not pass for a short one."""
+    model = FakeModel()
+    b = make(model, max_batch_size=0, inline_ns=10**9)
+    for n in (1, 1, 1, 500):
+        await b.submit({"x": np.ones((n, 3), np.float32)})
+    assert "MainThread" not in model.threads

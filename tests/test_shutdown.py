@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -144,20 +147,50 @@ class _Recorder(asyncio.Protocol):
         self.drained += 1
 
 
+def _tls_pair(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a fresh self-signed certificate, and a client context trusting it."""
+    key, cert = tmp / "key.pem", tmp / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(cert))
+    return server, client
+
+
 @unit
-def test_closing_the_listener_accepts_the_queued_connections_and_drains_them():
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_closing_the_listener_accepts_the_queued_connections_and_drains_them(tls, tmp_path):
     """A connection whose handshake the kernel finished (its request may be on the wire) when
-    the server stops listening is accepted and drained, not reset with the socket."""
+    the server stops listening is accepted and drained, not reset with the socket; under TLS
+    too, once its TLS handshake is done (the server waits for that before it stops waiting)."""
+    server_ctx, client_ctx = _tls_pair(tmp_path) if tls else (None, None)
+    done = threading.Event()
+
+    def client(address: tuple[str, int]) -> None:
+        sock = socket.create_connection(address, timeout=10)
+        if client_ctx is not None:  # blocks until the server takes part in the handshake
+            sock = client_ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+        done.wait(10)
+        sock.close()
 
     async def main() -> None:
         listener = socket.create_server(("127.0.0.1", 0))
-        accept = AcceptAll(asyncio.get_running_loop(), listener, _Recorder, None, 16)
-        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        accept = AcceptAll(asyncio.get_running_loop(), listener, _Recorder, server_ctx, 16)
+        clients = [threading.Thread(target=client, args=(listener.getsockname(),)) for _ in "abc"]
+        for c in clients:
+            c.start()
+        time.sleep(0.3)  # the loop is held: the kernel queues the three connections
         accept.close()  # before the loop ever saw the listener ready
         listener.close()
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(accept.started(), 10)
+        done.set()
         for c in clients:
-            c.close()
+            c.join(10)
 
     _Recorder.made = []
     uvloop.run(main())
