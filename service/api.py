@@ -27,6 +27,7 @@ from service.schemas import (
     ServerMetadata,
     TensorMetadata,
 )
+from service.stats import merge_triton
 from service.workerstate import Follower
 
 EXTENSIONS = [
@@ -117,7 +118,11 @@ def metadata_of(repo: Repository, model: LoadedModel) -> ModelMetadata:
     )
 
 
-def stats_of(repo: Repository, name: str | None, version: str | None) -> dict[str, Any]:
+def stats_of(
+    repo: Repository, name: str | None, version: str | None, follower: Follower | None = None
+) -> dict[str, Any]:
+    """Triton's statistics of the chosen loaded versions; with `--workers` (a `follower`),
+    summed over every worker."""
     if name is None:
         chosen = [m for versions in repo.loaded.values() for m in versions.values()]
     elif version is None:
@@ -126,12 +131,19 @@ def stats_of(repo: Repository, name: str | None, version: str | None) -> dict[st
     else:
         chosen = [repo.get(name, version)]
     chosen.sort(key=lambda m: (m.name, m.version))
-    return {"model_stats": [m.stats.triton(m.name, str(m.version)) for m in chosen]}
+    entries = [m.stats.triton(m.name, str(m.version)) for m in chosen]
+    if follower is None:
+        return {"model_stats": entries}
+    others: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for entry in follower.others_stats():
+        others.setdefault((entry["name"], entry["version"]), []).append(entry)
+    merged = [merge_triton([e, *others.get((e["name"], e["version"]), [])]) for e in entries]
+    return {"model_stats": merged}
 
 
 @models.get("/stats", summary="Statistics of every loaded model (Triton's statistics extension)")
-def all_stats(repo: RepositoryDep) -> dict[str, Any]:
-    return stats_of(repo, None, None)
+def all_stats(repo: RepositoryDep, follower: FollowerDep) -> dict[str, Any]:
+    return stats_of(repo, None, None, follower)
 
 
 @models.get("/{model}", response_model=ModelMetadata)
@@ -172,13 +184,15 @@ def version_config(model: str, version: str, repo: RepositoryDep) -> dict[str, A
 
 
 @models.get("/{model}/stats", summary="Statistics of a model's loaded versions")
-def model_stats(model: str, repo: RepositoryDep) -> dict[str, Any]:
-    return stats_of(repo, model, None)
+def model_stats(model: str, repo: RepositoryDep, follower: FollowerDep) -> dict[str, Any]:
+    return stats_of(repo, model, None, follower)
 
 
 @models.get("/{model}/versions/{version}/stats", summary="Statistics of one version")
-def version_stats(model: str, version: str, repo: RepositoryDep) -> dict[str, Any]:
-    return stats_of(repo, model, version)
+def version_stats(
+    model: str, version: str, repo: RepositoryDep, follower: FollowerDep
+) -> dict[str, Any]:
+    return stats_of(repo, model, version, follower)
 
 
 # -- inference (served by the fast lane when it is on; same code path) ------------------------

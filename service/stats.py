@@ -2,7 +2,8 @@
 
 Kept by the dataplane (per request: success, fail, queue) and the batcher (per batch: the
 compute_input / compute_infer / compute_output durations, overall and per batch size). A few
-integer additions per request and per batch, on the event loop: no locks.
+integer additions per request and per batch, on the event loop: no locks. With `--workers`,
+`merge_triton` adds up the workers' entries of one model version.
 """
 
 from __future__ import annotations
@@ -105,3 +106,35 @@ class ModelStats:
             ],
             "memory_usage": [],
         }
+
+
+def _add_durations(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        into[key] = {
+            "count": into[key]["count"] + value["count"],
+            "ns": into[key]["ns"] + value["ns"],
+        }
+
+
+def merge_triton(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several processes' entries (from `ModelStats.triton`) of one model version as one:
+    counts and durations summed, batch statistics merged by batch size, the latest inference."""
+    merged = {
+        **entries[0],
+        "inference_stats": dict(entries[0]["inference_stats"]),
+        "batch_stats": [dict(b) for b in entries[0]["batch_stats"]],
+    }
+    by_size = {b["batch_size"]: b for b in merged["batch_stats"]}
+    for entry in entries[1:]:
+        merged["last_inference"] = max(merged["last_inference"], entry["last_inference"])
+        merged["inference_count"] += entry["inference_count"]
+        merged["execution_count"] += entry["execution_count"]
+        _add_durations(merged["inference_stats"], entry["inference_stats"])
+        for batch in entry["batch_stats"]:
+            size = batch["batch_size"]
+            if size in by_size:
+                _add_durations(by_size[size], {k: v for k, v in batch.items() if k != "batch_size"})
+            else:
+                by_size[size] = dict(batch)
+    merged["batch_stats"] = [by_size[size] for size in sorted(by_size)]
+    return merged

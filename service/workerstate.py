@@ -13,6 +13,9 @@ The folder (`Settings.worker_state_dir`, made by service/workers.py for one run)
   every `FOLLOW_S`) and a restarted worker applies it at start-up, so whichever worker a
   request reaches serves the same models. Poll mode needs none of this: each worker polls the
   repository itself;
+- `stats-<pid>.json`, each worker's Triton statistics (`GET .../stats`), rewritten every
+  `FOLLOW_S` while they change: the worker answering a statistics request adds the others' to
+  its own (theirs at most `FOLLOW_S` old);
 - `metrics/`, prometheus_client's multiprocess folder (service/metrics.py).
 
 The server is ready when every worker in the roster is (`Follower.problems`). Nothing here runs
@@ -57,6 +60,11 @@ _WAIT_POLL_S = 0.05
 def worker_file(folder: Path, pid: int) -> Path:
     """A worker's own state file."""
     return folder / f"worker-{pid}.json"
+
+
+def stats_file(folder: Path, pid: int) -> Path:
+    """A worker's Triton statistics."""
+    return folder / f"stats-{pid}.json"
 
 
 def read_json(path: Path) -> Any:
@@ -128,6 +136,7 @@ class Follower:
         self._seen = 0  # the desired state's sequence number fully applied here
         self._stamp: tuple[int, int] | None = None
         self._published: dict[str, Any] | None = None
+        self._stats_published: tuple | None = None
         self._applying = asyncio.Lock()
         self._task: asyncio.Task | None = None
 
@@ -150,6 +159,7 @@ class Follower:
             try:
                 await self._sync()
                 self._publish()
+                self._publish_stats()
                 self.repository.metrics.publish()
             except Exception:  # following must never stop
                 log.exception("following the workers' shared state failed")
@@ -237,6 +247,28 @@ class Follower:
         if doc != self._published:
             write_json(worker_file(self.folder, self.pid), doc)
             self._published = doc
+
+    def _publish_stats(self) -> None:
+        """Write this worker's Triton statistics if any counter moved since the last write."""
+        loaded = [m for versions in self.repository.loaded.values() for m in versions.values()]
+        moved = tuple(
+            (m.name, m.version, m.stats.success.count, m.stats.fail.count, m.stats.execution_count)
+            for m in loaded
+        )
+        if moved != self._stats_published:
+            entries = [m.stats.triton(m.name, str(m.version)) for m in loaded]
+            write_json(stats_file(self.folder, self.pid), {"model_stats": entries})
+            self._stats_published = moved
+
+    def others_stats(self) -> list[dict[str, Any]]:
+        """The other live workers' Triton statistics entries, as last published."""
+        entries: list[dict[str, Any]] = []
+        for pid in read_roster(self.folder):
+            if pid is not None and pid != self.pid:
+                doc = read_json(stats_file(self.folder, pid))
+                if isinstance(doc, dict):
+                    entries += doc.get("model_stats", [])
+        return entries
 
     def problems(self) -> list[str]:
         """Why the other workers are not ready ([] when they all are)."""

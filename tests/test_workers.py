@@ -1,10 +1,9 @@
-"""`onnxserve serve --workers 2` as clients see it: one server. Metrics are totals, an explicit
-load or unload reaches every worker, a job runs once (and is taken over when its worker dies),
-a killed worker is restarted while the other keeps answering, readiness waits for every worker,
-and SIGTERM under load answers every admitted request and exits 0.
-
-Which worker answered a request is read from /proc: the worker process holding the server
-side of the client's connection."""
+"""`onnxserve serve --workers 2` as clients see it: one server. Metrics and Triton statistics are
+totals, an explicit load or unload reaches every worker, a job runs once (and is taken over when
+its worker dies), a killed worker is restarted while the other keeps answering, readiness waits
+for every worker, and SIGTERM under load answers every admitted request and exits 0. Which
+worker answered a request is read from /proc: the worker process holding the server side of the
+client's connection."""
 
 from __future__ import annotations
 
@@ -25,7 +24,9 @@ import pytest
 
 from loadtests.serverproc import free_port, serve_command
 from service.config import Settings
+from service.stats import ModelStats, merge_triton
 from service.workers import worker_count, worker_threads
+from service.workerstate import FOLLOW_S
 from tests.conftest import run_server
 from tests.test_jobs import committed, wait_for
 from tests.test_scoring import assert_same_answers, read_output, rows_of, score
@@ -135,6 +136,28 @@ def test_threads_are_divided_between_workers():
     )
 
 
+@pytest.mark.unit
+def test_statistics_of_several_workers_merge_into_what_one_would_have_counted():
+    a, b, together = ModelStats(), ModelStats(), ModelStats()
+    events = [
+        (a, 1, 1, 10, 100, 5),
+        (b, 3, 4, 20, 300, 7),
+        (b, 1, 1, 11, 90, 6),
+        (a, 2, 8, 9, 700, 8),
+    ]
+    for worker, requests, rows, input_ns, infer_ns, output_ns in events:
+        for stats in (worker, together):
+            stats.batch(requests, rows, input_ns, infer_ns, output_ns)
+            stats.succeeded(0.002, 0.001)
+    b.failed(0.003)
+    together.failed(0.003)
+    merged = merge_triton([a.triton("cnn", "1"), b.triton("cnn", "1")])
+    expected = together.triton("cnn", "1")
+    assert merged.pop("last_inference") >= expected.pop("last_inference") - 1000
+    assert merged == expected
+    assert [s["batch_size"] for s in merged["batch_stats"]] == [1, 4, 8]
+
+
 # -- one server, several checks ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def jobs_root(repository, tmp_path_factory) -> Path:
@@ -155,24 +178,47 @@ def workers(repository, jobs_root, tmp_path_factory):
         yield server
 
 
-@pytest.mark.e2e
-def test_metrics_are_totals_across_workers(workers):
-    before, sent, seen = success_total(workers.url), 0, set()
-    for _ in range(40):  # new connections until both workers have answered some
-        c = Connection(workers.url, workers.pids)
+def infer_on_every_worker(url: str, pids: list[int]) -> int:
+    """CNN requests over new connections until every worker has answered some: how many."""
+    sent, seen = 0, set()
+    for _ in range(40):
+        c = Connection(url, pids)
         for _ in range(5):
             status, _ = c.request("POST", CNN, _cnn_body())
             assert status == 200
             sent += 1
         seen.add(c.pid)
         c.close()
-        if seen == set(workers.pids):
+        if seen == set(pids):
             break
-    assert seen == set(workers.pids)
+    assert seen == set(pids)
+    return sent
+
+
+@pytest.mark.e2e
+def test_metrics_are_totals_across_workers(workers):
+    before = success_total(workers.url)
+    sent = infer_on_every_worker(workers.url, workers.pids)
     assert success_total(workers.url) - before == sent
     text = httpx.get(f"{workers.url}/metrics").text
     assert "onnxserve_worker_restarts_total 0.0" in text
     assert len(re.findall(r"^onnxserve_saturation\{", text, re.M)) == 1  # one series, not per pid
+
+
+@pytest.mark.e2e
+def test_triton_statistics_are_totals_across_workers(workers):
+    def successes() -> set[int]:
+        """The CNN's success count as each worker answers it, once all have published."""
+        time.sleep(4 * FOLLOW_S)
+        answers = ask_every_worker(workers.url, workers.pids, "GET", "/v2/models/cnn/stats")
+        return {
+            doc["model_stats"][0]["inference_stats"]["success"]["count"] for doc in bodies(answers)
+        }
+
+    before = successes()
+    assert len(before) == 1, before  # every worker answers the same total
+    sent = infer_on_every_worker(workers.url, workers.pids)
+    assert successes() == {before.pop() + sent}
 
 
 @pytest.mark.e2e

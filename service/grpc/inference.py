@@ -181,7 +181,7 @@ class GRPCInferenceService:
 
     async def model_statistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         name, version = request.name or None, request.version or None
-        doc = stats_of(self.repository, name, version if name else None)
+        doc = stats_of(self.repository, name, version if name else None, self.follower())
         return json_format.ParseDict(doc, pb.ModelStatisticsResponse())
 
     # -- repository -----------------------------------------------------------------------
