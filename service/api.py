@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -119,10 +120,13 @@ def metadata_of(repo: Repository, model: LoadedModel) -> ModelMetadata:
 
 
 def stats_of(
-    repo: Repository, name: str | None, version: str | None, follower: Follower | None = None
+    repo: Repository,
+    name: str | None,
+    version: str | None,
+    others: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Triton's statistics of the chosen loaded versions; with `--workers` (a `follower`),
-    summed over every worker."""
+    """Triton's statistics of the chosen loaded versions, on the event loop (where they are
+    counted); `others`: the other workers' entries (`--workers`), added in."""
     if name is None:
         chosen = [m for versions in repo.loaded.values() for m in versions.values()]
     elif version is None:
@@ -132,18 +136,23 @@ def stats_of(
         chosen = [repo.get(name, version)]
     chosen.sort(key=lambda m: (m.name, m.version))
     entries = [m.stats.triton(m.name, str(m.version)) for m in chosen]
-    if follower is None:
+    if not others:
         return {"model_stats": entries}
-    others: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for entry in follower.others_stats():
-        others.setdefault((entry["name"], entry["version"]), []).append(entry)
-    merged = [merge_triton([e, *others.get((e["name"], e["version"]), [])]) for e in entries]
+    by_version: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for entry in others:
+        by_version.setdefault((entry["name"], entry["version"]), []).append(entry)
+    merged = [merge_triton([e, *by_version.get((e["name"], e["version"]), [])]) for e in entries]
     return {"model_stats": merged}
 
 
+async def others_stats(follower: Follower | None) -> list[dict[str, Any]] | None:
+    """With `--workers`, the other workers' statistics entries, their files read off the loop."""
+    return None if follower is None else await asyncio.to_thread(follower.others_stats)
+
+
 @models.get("/stats", summary="Statistics of every loaded model (Triton's statistics extension)")
-def all_stats(repo: RepositoryDep, follower: FollowerDep) -> dict[str, Any]:
-    return stats_of(repo, None, None, follower)
+async def all_stats(repo: RepositoryDep, follower: FollowerDep) -> dict[str, Any]:
+    return stats_of(repo, None, None, await others_stats(follower))
 
 
 @models.get("/{model}", response_model=ModelMetadata)
@@ -184,15 +193,15 @@ def version_config(model: str, version: str, repo: RepositoryDep) -> dict[str, A
 
 
 @models.get("/{model}/stats", summary="Statistics of a model's loaded versions")
-def model_stats(model: str, repo: RepositoryDep, follower: FollowerDep) -> dict[str, Any]:
-    return stats_of(repo, model, None, follower)
+async def model_stats(model: str, repo: RepositoryDep, follower: FollowerDep) -> dict[str, Any]:
+    return stats_of(repo, model, None, await others_stats(follower))
 
 
 @models.get("/{model}/versions/{version}/stats", summary="Statistics of one version")
-def version_stats(
+async def version_stats(
     model: str, version: str, repo: RepositoryDep, follower: FollowerDep
 ) -> dict[str, Any]:
-    return stats_of(repo, model, version, follower)
+    return stats_of(repo, model, version, await others_stats(follower))
 
 
 # -- inference (served by the fast lane when it is on; same code path) ------------------------

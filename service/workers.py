@@ -280,6 +280,7 @@ class Supervisor:
         self._procs[slot] = None
         self._mark_dead(process.pid, str(self.folder / workerstate.METRICS))
         workerstate.worker_file(self.folder, process.pid).unlink(missing_ok=True)
+        workerstate.stats_file(self.folder, process.pid).unlink(missing_ok=True)
         self._write_roster()
 
     def _stop_all(self) -> None:

@@ -139,19 +139,23 @@ class Follower:
         self._stats_published: tuple | None = None
         self._applying = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self._stats_task: asyncio.Task | None = None
 
     # -- life -----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Apply the desired state (a restarted worker catches up), publish, then follow."""
         await self._sync(starting=True)
         self._publish()
+        await self._publish_stats()  # replaces any file a past worker with this pid left
         self._task = asyncio.create_task(self._follow(), name="worker-state")
+        self._stats_task = asyncio.create_task(self._report(), name="worker-stats")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._stats_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _follow(self) -> None:
         while True:
@@ -159,7 +163,6 @@ class Follower:
             try:
                 await self._sync()
                 self._publish()
-                self._publish_stats()
                 self.repository.metrics.publish()
             except Exception:  # following must never stop
                 log.exception("following the workers' shared state failed")
@@ -248,8 +251,18 @@ class Follower:
             write_json(worker_file(self.folder, self.pid), doc)
             self._published = doc
 
-    def _publish_stats(self) -> None:
-        """Write this worker's Triton statistics if any counter moved since the last write."""
+    async def _report(self) -> None:
+        """Publish the statistics every FOLLOW_S, also while a model load holds `_follow`."""
+        while True:
+            await asyncio.sleep(FOLLOW_S)
+            try:
+                await self._publish_stats()
+            except Exception:  # reporting must never stop
+                log.exception("publishing this worker's statistics failed")
+
+    async def _publish_stats(self) -> None:
+        """Write this worker's Triton statistics if any counter moved since the last write
+        (read on the loop, where they are counted; written from a thread)."""
         loaded = [m for versions in self.repository.loaded.values() for m in versions.values()]
         moved = tuple(
             (m.name, m.version, m.stats.success.count, m.stats.fail.count, m.stats.execution_count)
@@ -257,7 +270,8 @@ class Follower:
         )
         if moved != self._stats_published:
             entries = [m.stats.triton(m.name, str(m.version)) for m in loaded]
-            write_json(stats_file(self.folder, self.pid), {"model_stats": entries})
+            path = stats_file(self.folder, self.pid)
+            await asyncio.to_thread(write_json, path, {"model_stats": entries})
             self._stats_published = moved
 
     def others_stats(self) -> list[dict[str, Any]]:

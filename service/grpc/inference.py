@@ -24,7 +24,13 @@ import grpc
 from google.protobuf import json_format
 
 from service import triton
-from service.api import check_model_control, metadata_of, server_metadata, stats_of
+from service.api import (
+    check_model_control,
+    metadata_of,
+    others_stats,
+    server_metadata,
+    stats_of,
+)
 from service.dataplane import OFFLOAD_BYTES, DataPlane, as_serve_error, server_timing
 from service.errors import BadRequest, Cancelled, Unavailable
 from service.grpc import messages as pb
@@ -180,8 +186,9 @@ class GRPCInferenceService:
         return response
 
     async def model_statistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        name, version = request.name or None, request.version or None
-        doc = stats_of(self.repository, name, version if name else None, self.follower())
+        name = request.name or None
+        version = (request.version or None) if name else None
+        doc = stats_of(self.repository, name, version, await others_stats(self.follower()))
         return json_format.ParseDict(doc, pb.ModelStatisticsResponse())
 
     # -- repository -----------------------------------------------------------------------
