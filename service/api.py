@@ -28,7 +28,7 @@ from service.schemas import (
     ServerMetadata,
     TensorMetadata,
 )
-from service.stats import merge_triton
+from service.stats import merge_triton, triton_entries
 from service.workerstate import Follower
 
 EXTENSIONS = [
@@ -128,14 +128,14 @@ def stats_of(
     """Triton's statistics of the chosen loaded versions, on the event loop (where they are
     counted); `others`: the other workers' entries (`--workers`), added in."""
     if name is None:
-        chosen = [m for versions in repo.loaded.values() for m in versions.values()]
+        chosen = repo.models()
     elif version is None:
         repo.get(name)  # 404 / 503 with the reason
         chosen = list(repo.loaded[name].values())
     else:
         chosen = [repo.get(name, version)]
     chosen.sort(key=lambda m: (m.name, m.version))
-    entries = [m.stats.triton(m.name, str(m.version)) for m in chosen]
+    entries = triton_entries(chosen)
     if not others:
         return {"model_stats": entries}
     by_version: dict[tuple[str, str], list[dict[str, Any]]] = {}

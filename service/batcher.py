@@ -146,6 +146,7 @@ class Batcher:
         self._idle.set()
         self._reserved = 0  # slots held by Reservations
         self._room_waiters: deque[RoomWaiter] = deque()
+        self._inlining = self.inline_ns > 0 and self.max_batch_size > 0
         self._lone_ns: dict[tuple, int] = {}  # batch key -> one-row run time, moving average
         self._last_batch = 0  # requests in the batch launched last
         self._launched_this_turn = False  # a batch started in this turn of the event loop
@@ -352,8 +353,9 @@ class Batcher:
             else:
                 inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
             input_ns = int((time.perf_counter() - start) * 1e9)
-            inline = self._inline(batch)
-            self._note_launch(len(batch))
+            inline = self._inlining and self._inline(batch)
+            if self._inlining:
+                self._note_launch(len(batch))
             if inline:
                 self._inflight += 1
                 self._finish(batch, start, input_ns, self._run_here(inputs))
@@ -373,14 +375,14 @@ class Batcher:
         """Whether this batch runs on the loop (see the module docstring)."""
         if self._inflight or self.depth or self._launched_this_turn or self._last_batch != 1:
             return False
-        if len(batch) != 1 or batch[0].rows != 1 or not self.max_batch_size:
-            return False  # (without a batch axis a "row" may be of any size)
+        if len(batch) != 1 or batch[0].rows != 1:
+            return False
         measured = self._lone_ns.get(batch[0].key)
         return measured is not None and measured < self.inline_ns
 
     def _note_launch(self, requests: int) -> None:
         self._last_batch = requests
-        if self.inline_ns and not self._launched_this_turn:
+        if not self._launched_this_turn:
             self._launched_this_turn = True
             assert self._loop is not None
             self._loop.call_soon(self._new_turn)
@@ -420,7 +422,7 @@ class Batcher:
                     item.future.set_exception(exc)
             self._pump()
             return
-        if rows == 1 and self.inline_ns:
+        if rows == 1 and self._inlining:
             self._measure_lone(batch[0].key, infer_ns)
         split = time.perf_counter()
         offset = 0

@@ -67,7 +67,7 @@ def error_answer(exc: ServeError) -> Answer:
         exc.status,
         error_body(exc.message),
         {"content-type": JSON, **exc.headers},
-        getattr(exc, "room", None),
+        exc.room,
     )
 
 

@@ -19,6 +19,7 @@ class ServeError(Exception):
 
     status = 500
     reason = "internal"
+    room: Any = None  # QueueFull: the batcher whose queue was full (wait_for_room)
 
     def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -63,7 +64,7 @@ class QueueFull(Unavailable):
 
     def __init__(self, message: str, retry_after_s: int = 1, room: Any = None) -> None:
         super().__init__(message, {"Retry-After": str(retry_after_s)})
-        self.room = room  # the batcher whose queue was full (wait_for_room), if known
+        self.room = room
 
 
 class QueueTimeout(ServeError):

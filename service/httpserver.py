@@ -27,7 +27,7 @@ import termios
 import threading
 from collections.abc import Generator
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -384,14 +384,18 @@ class GuardedProtocol(HttpToolsProtocol):
             self._held_on = None
             self._resume()
 
-    def _room_offered(self, reservation: Reservation | None) -> bool:
-        """The queue has room: read again; keep the slot if the next request is already here."""
-        if self._held_on is None or self.transport.is_closing():
-            return False
+    def _unhold(self) -> None:
+        """Forget a hold after a refusal, and its timer."""
         self._held_on = None
         if self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
+
+    def _room_offered(self, reservation: Reservation | None) -> bool:
+        """The queue has room: read again; keep the slot if the next request is already here."""
+        if self._held_on is None or self.transport.is_closing():
+            return False
+        self._unhold()
         self._resume()
         if reservation is None or not _bytes_waiting(self._fd):
             return False
@@ -400,9 +404,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        self._held_on = None
-        if self._hold_timer is not None:
-            self._hold_timer.cancel()
+        self._unhold()
         if self._reservation is not None:
             self._reservation.release()
             self._reservation = None
@@ -417,10 +419,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._draining:
             return
         self._draining = True
-        self._held_on = None
-        if self._hold_timer is not None:
-            self._hold_timer.cancel()
-            self._hold_timer = None
+        self._unhold()
         if not self.transport.is_closing():
             self.transport.resume_reading()
         if self.cycle is None or self.cycle.response_complete:
@@ -553,7 +552,6 @@ class _Server(uvicorn.Server):
             AcceptAll(loop, sock, create_protocol, config.ssl, config.backlog) for sock in listeners
         ]
         self.servers = accepting
-        self._listeners: list[AcceptAll] = accepting
         self._owned = [] if sockets is not None else listeners
         self.started = True
 
@@ -563,7 +561,7 @@ class _Server(uvicorn.Server):
     async def _wait_tasks_to_complete(self) -> None:
         """uvicorn's wait for connections and tasks (bounded by the graceful timeout), after the
         connections accepted while the listeners closed have started and been told to drain."""
-        for listener in getattr(self, "_listeners", []):
+        for listener in cast(list[AcceptAll], self.servers):  # as `startup` set them
             await listener.started()
         await super()._wait_tasks_to_complete()
 

@@ -182,7 +182,7 @@ class Repository:
 
     def has_on_disk(self, name: str) -> bool:
         """Whether `name` is a model folder (`on_disk` for one name, without listing them all)."""
-        return self.root.is_dir() and is_model_dir(self.root / name)
+        return is_model_dir(self.root / name)
 
     def index(self) -> list[dict]:
         """Every model on disk or loaded, each version with its state (the repository index)."""
@@ -231,9 +231,12 @@ class Repository:
                 continue  # a failed new version beside a serving one: the model still serves
             reason = next(iter(failures.values())).reason
             found.append(f"{name}: UNAVAILABLE ({reason})")
-        for versions in self._loaded.values():
-            found += [f"{m.name}: {m.not_ready_reason}" for m in versions.values() if not m.ready]
+        found += [f"{m.name}: {m.not_ready_reason}" for m in self.models() if not m.ready]
         return found
+
+    def models(self) -> list[LoadedModel]:
+        """Every loaded model version."""
+        return [m for versions in self._loaded.values() for m in versions.values()]
 
     def all_ready(self) -> bool:
         """Readiness: with strict readiness every model that should serve does; otherwise the

@@ -9,6 +9,7 @@ integer additions per request and per batch, on the event loop: no locks. With `
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +107,11 @@ class ModelStats:
             ],
             "memory_usage": [],
         }
+
+
+def triton_entries(models: Iterable[Any]) -> list[dict[str, Any]]:
+    """Loaded model versions' entries of Triton's `model_stats` list."""
+    return [m.stats.triton(m.name, str(m.version)) for m in models]
 
 
 def _add_durations(into: dict[str, Any], other: dict[str, Any]) -> None:

@@ -31,11 +31,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.errors import ServeError, Unavailable
+from service.stats import triton_entries
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -226,13 +227,11 @@ class Follower:
     async def _wait_for_workers(self, seq: int, what: str) -> None:
         deadline = time.monotonic() + APPLY_WAIT_S
         while True:
-            behind = []
-            for slot, pid in enumerate(read_roster(self.folder), 1):
-                if pid == self.pid:
-                    continue
-                state = read_json(worker_file(self.folder, pid)) if pid else None
-                if not isinstance(state, dict) or state.get("applied", 0) < seq:
-                    behind.append(slot)
+            behind = [
+                slot
+                for slot, _, state in self._others(worker_file)
+                if not isinstance(state, dict) or state.get("applied", 0) < seq
+            ]
             if not behind:
                 return
             if time.monotonic() > deadline:
@@ -263,26 +262,32 @@ class Follower:
     async def _publish_stats(self) -> None:
         """Write this worker's Triton statistics if any counter moved since the last write
         (read on the loop, where they are counted; written from a thread)."""
-        loaded = [m for versions in self.repository.loaded.values() for m in versions.values()]
+        loaded = self.repository.models()
         moved = tuple(
             (m.name, m.version, m.stats.success.count, m.stats.fail.count, m.stats.execution_count)
             for m in loaded
         )
         if moved != self._stats_published:
-            entries = [m.stats.triton(m.name, str(m.version)) for m in loaded]
             path = stats_file(self.folder, self.pid)
-            await asyncio.to_thread(write_json, path, {"model_stats": entries})
+            doc = {"model_stats": triton_entries(loaded)}
+            await asyncio.to_thread(write_json, path, doc)
             self._stats_published = moved
 
     def others_stats(self) -> list[dict[str, Any]]:
         """The other live workers' Triton statistics entries, as last published."""
         entries: list[dict[str, Any]] = []
-        for pid in read_roster(self.folder):
-            if pid is not None and pid != self.pid:
-                doc = read_json(stats_file(self.folder, pid))
-                if isinstance(doc, dict):
-                    entries += doc.get("model_stats", [])
+        for _, _, doc in self._others(stats_file):
+            if isinstance(doc, dict):
+                entries += doc.get("model_stats", [])
         return entries
+
+    def _others(
+        self, file_of: Callable[[Path, int], Path], roster: list[int | None] | None = None
+    ) -> Iterator[tuple[int, int | None, Any]]:
+        """Each other worker's slot (from 1), pid (None: restarting) and `file_of` content."""
+        for slot, pid in enumerate(read_roster(self.folder) if roster is None else roster, 1):
+            if pid != self.pid:
+                yield slot, pid, read_json(file_of(self.folder, pid)) if pid else None
 
     def problems(self) -> list[str]:
         """Why the other workers are not ready ([] when they all are)."""
@@ -290,10 +295,7 @@ class Follower:
         if not roster:
             return ["workers are starting"]
         found = []
-        for slot, pid in enumerate(roster, 1):
-            if pid == self.pid:
-                continue
-            state = read_json(worker_file(self.folder, pid)) if pid else None
+        for slot, pid, state in self._others(worker_file, roster):
             if pid is None:
                 found.append(f"worker {slot}: restarting")
             elif not isinstance(state, dict):

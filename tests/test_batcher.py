@@ -23,12 +23,14 @@ class FakeModel:
         self.delay = delay
         self.gate = threading.Event()
         self.gate.set()
-        self.threads: set[str] = set()
         self.where: list[str] = []  # each run's thread, in order
+
+    @property
+    def threads(self) -> set[str]:
+        return set(self.where)
 
     def __call__(self, inputs):
         self.gate.wait(5)
-        self.threads.add(threading.current_thread().name)
         self.where.append(threading.current_thread().name)
         x = inputs["x"]
         self.calls.append(x.shape[0])
@@ -268,7 +270,7 @@ async def test_a_lone_small_run_goes_on_the_loop_once_measured_and_never_beside_
     assert "MainThread" not in model.threads
     r = await b.submit(row(2))  # measured, idle, one row: on the loop
     assert "MainThread" in model.threads and r.outputs["y"].tolist() == [[4.0] * 3]
-    model.threads.clear()
+    model.where.clear()
     await b.submit(row(3, width=5))  # another shape: measured first
     await b.submit({"x": np.ones((2, 3), np.float32)})  # two rows: never on the loop
     assert model.threads and "MainThread" not in model.threads

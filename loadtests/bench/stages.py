@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,22 +129,19 @@ def measure(
     }
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Rounds of one tree: the median of each figure over the rounds, and every round's."""
     stages = {stage for r in rounds for stage in r["stages_us"]}
     return {
-        "rps": _median([r["rps"] for r in rounds]),
+        "rps": statistics.median([r["rps"] for r in rounds]),
         "rps_all": sorted(r["rps"] for r in rounds),
-        "cpu_us_per_request": round(_median([r["cpu_us_per_request"] for r in rounds]), 1),
+        "cpu_us_per_request": round(
+            statistics.median([r["cpu_us_per_request"] for r in rounds]), 1
+        ),
         "cpu_us_all": sorted(r["cpu_us_per_request"] for r in rounds),
         "stages_us": {
-            s: round(_median([r["stages_us"].get(s, 0.0) for r in rounds]), 1) for s in stages
+            s: round(statistics.median([r["stages_us"].get(s, 0.0) for r in rounds]), 1)
+            for s in stages
         },
         "non2xx": sum(r["non2xx"] for r in rounds),
     }
