@@ -81,6 +81,10 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=int)
     s.add_argument("--grpc-port", type=int, help="gRPC port (default 8001, as Triton's; 0: off)")
     s.add_argument(
+        "--grpc-server", choices=["native", "grpcio"],
+        help="native (default): onnxserve's own HTTP/2 server for gRPC; grpcio: grpc.aio's",
+    )  # fmt: skip
+    s.add_argument(
         "--workers", type=_workers, metavar="N|auto",
         help="server processes on one port (default 1; auto: one per core, 1 on a GPU)",
     )  # fmt: skip

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     grpc_port: int = Field(
         default=8001, ge=0, le=65535, description="gRPC (KServe v2 / Triton) port; 0 disables it."
     )
+    grpc_server: Literal["native", "grpcio"] = Field(
+        default="native",
+        description="gRPC's HTTP/2 server: onnxserve's own (service/grpc/h2server.py) or grpcio's.",
+    )
     models: list[str] | None = Field(
         default=None, description="Models to load at start-up (default: every model found)."
     )

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf import json_format
@@ -42,12 +42,24 @@ from service.validation import Bounds, check_decoded
 from service.workerstate import Follower
 
 log = logging.getLogger(__name__)
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class Context(Protocol):
+    """What an RPC uses of its call: grpc.aio's ServicerContext, or `h2server.Call`."""
+
+    def invocation_metadata(self) -> Any: ...
+    def time_remaining(self) -> float | None: ...
+    def set_trailing_metadata(self, trailing: Any) -> None: ...
+    async def abort(self, code: grpc.StatusCode, details: str, trailing: Any) -> NoReturn: ...
+    def peer(self) -> str: ...
+
+
+Handler = Callable[[Any, Context], Awaitable[Any]]
 #: Trailing metadata with where the time went, as REST's Server-Timing header.
 SERVER_TIMING = "server-timing"
 
 
-def _authorization(context: grpc.aio.ServicerContext) -> bytes | None:
+def _authorization(context: Context) -> bytes | None:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
             return value if isinstance(value, bytes) else value.encode("latin-1")
@@ -70,8 +82,9 @@ class GRPCInferenceService:
         self.access_log = access_log
         self.follower = follower  # with --workers: the other workers' state (as REST's routes)
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        """The generic handler of every RPC offered, each with the scope it needs."""
+    def rpcs(self) -> dict[str, tuple[Handler, Any, Any]]:
+        """Every RPC offered: its coroutine (behind the key check of the scope it needs), its
+        request class and its response class."""
         table: dict[str, tuple[Handler, str | None, Any, Any]] = {
             "ServerLive": (self.server_live, None, pb.ServerLiveRequest, pb.ServerLiveResponse),
             "ServerReady": (self.server_ready, None, pb.ServerReadyRequest, pb.ServerReadyResponse),
@@ -103,22 +116,35 @@ class GRPCInferenceService:
                 pb.RepositoryModelUnloadResponse,
             ),
         }  # fmt: skip
+        return {
+            rpc: (self._guarded(rpc, method, scope), request, response)
+            for rpc, (method, scope, request, response) in table.items()
+        }
+
+    def methods(self) -> dict[str, tuple[Handler, Any]]:
+        """The RPCs by HTTP/2 path, with their request class: what `h2server` serves."""
+        return {
+            pb.method_path(rpc): (call, request) for rpc, (call, request, _) in self.rpcs().items()
+        }
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """grpcio's generic handler of the same RPCs."""
         return grpc.method_handlers_generic_handler(
             pb.SERVICE,
             {
                 rpc: grpc.unary_unary_rpc_method_handler(
-                    self._guarded(rpc, method, scope),
+                    call,
                     request_deserializer=request.FromString,
                     response_serializer=response.SerializeToString,
                 )
-                for rpc, (method, scope, request, response) in table.items()
+                for rpc, (call, request, response) in self.rpcs().items()
             },
         )
 
     def _guarded(self, rpc: str, method: Handler, scope: str | None) -> Handler:
         """`method` behind the key check, its errors answered as gRPC statuses."""
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(request: Any, context: Context) -> Any:
             caller = None
             try:
                 if scope is not None:
@@ -138,22 +164,20 @@ class GRPCInferenceService:
         return call
 
     @staticmethod
-    def _log(
-        context: grpc.aio.ServicerContext, rpc: str, code: grpc.StatusCode, caller: Caller | None
-    ) -> None:
+    def _log(context: Context, rpc: str, code: grpc.StatusCode, caller: Caller | None) -> None:
         name = caller.name if caller is not None and caller.name else "-"
         access.info('%s "gRPC %s" %s key=%s', context.peer(), rpc, code.name, name)
 
     # -- health and metadata --------------------------------------------------------------
-    async def server_live(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def server_live(self, request: Any, context: Context) -> Any:
         return pb.ServerLiveResponse(live=True)
 
-    async def server_ready(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def server_ready(self, request: Any, context: Context) -> Any:
         follower = self.follower()
         others = follower.problems() if follower is not None else []
         return pb.ServerReadyResponse(ready=self.repository.all_ready() and not others)
 
-    async def model_ready(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def model_ready(self, request: Any, context: Context) -> Any:
         """Ready or not; an unknown model or version is NOT_FOUND."""
         try:
             self.repository.get(request.name, request.version or None)
@@ -161,13 +185,13 @@ class GRPCInferenceService:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
-    async def server_metadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def server_metadata(self, request: Any, context: Context) -> Any:
         meta = server_metadata()
         return pb.ServerMetadataResponse(
             name=meta.name, version=meta.version, extensions=meta.extensions
         )
 
-    async def model_metadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def model_metadata(self, request: Any, context: Context) -> Any:
         model = self.repository.get(request.name, request.version or None)
         meta = metadata_of(self.repository, model)
         response = pb.ModelMetadataResponse(
@@ -178,21 +202,21 @@ class GRPCInferenceService:
                 target.add(name=t.name, datatype=t.datatype, shape=t.shape)
         return response
 
-    async def model_config(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def model_config(self, request: Any, context: Context) -> Any:
         model = self.repository.get(request.name, request.version or None)
         doc = triton.model_config(model, self.repository.policy(model.config.version_policy))
         response = pb.ModelConfigResponse()
         json_format.ParseDict(doc, response.config)
         return response
 
-    async def model_statistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def model_statistics(self, request: Any, context: Context) -> Any:
         name = request.name or None
         version = (request.version or None) if name else None
         doc = stats_of(self.repository, name, version, await others_stats(self.follower()))
         return json_format.ParseDict(doc, pb.ModelStatisticsResponse())
 
     # -- repository -----------------------------------------------------------------------
-    async def repository_index(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def repository_index(self, request: Any, context: Context) -> Any:
         """Every model on disk or loaded; `ready` keeps only the READY ones (Triton's)."""
         response = pb.RepositoryIndexResponse()
         for entry in self.repository.index():
@@ -206,7 +230,7 @@ class GRPCInferenceService:
             )
         return response
 
-    async def repository_model_load(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def repository_model_load(self, request: Any, context: Context) -> Any:
         """Load (or reload) a model's versions from the repository; explicit mode only."""
         check_model_control(self.repository)
         if request.parameters:
@@ -222,7 +246,7 @@ class GRPCInferenceService:
             raise Unavailable(f"model '{request.model_name}' loaded but is not ready: {reason}")
         return pb.RepositoryModelLoadResponse()
 
-    async def repository_model_unload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def repository_model_unload(self, request: Any, context: Context) -> Any:
         """Unload a model (its admitted requests finish first); explicit mode only."""
         check_model_control(self.repository)
         follower, name = self.follower(), request.model_name
@@ -236,7 +260,7 @@ class GRPCInferenceService:
         check_decoded(model.config, decoded.inputs)
         return decoded
 
-    async def model_infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def model_infer(self, request: Any, context: Context) -> Any:
         """Admit, decode (bounds first), batch, answer; counted as REST counts."""
         name, version = request.model_name, request.model_version or None
         start = time.perf_counter()
