@@ -442,3 +442,16 @@ async def test_admitted_calls_finish_at_shutdown(repository, tmp_path):
             answers = await asyncio.gather(*calls, return_exceptions=True)
         assert all(a.outputs[0].shape[0] == 64 for a in answers), answers
         assert s.process.wait(30) == 0
+
+
+def test_grpcios_server_stays_selectable(repository, tmp_path):
+    """`--grpc-server grpcio` serves the same RPCs through grpc.aio (the default is ours)."""
+    with run_server(repository, tmp_path, "--grpc-server", "grpcio", grpc=True) as s:
+        c = grpcclient.InferenceServerClient(s.grpc)
+        x = samples(repository, "cnn")[:3].astype(np.float32)
+        got = c.infer("cnn", [infer_input("image", x, "FP32")]).as_numpy("probabilities")
+        np.testing.assert_allclose(got, reference(repository, "cnn", x)["probabilities"],
+                                   atol=1e-6)  # fmt: skip
+        fails_with(StatusCode.NOT_FOUND, c.infer, "nope", [infer_input("image", x, "FP32")])
+        c.close()
+    assert "grpcio server" in s.log.read_text()

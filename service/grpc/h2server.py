@@ -82,6 +82,7 @@ CANCELLED, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTE
 RPC = Callable[[Any, "Call"], Awaitable[Any]]
 #: path -> (the RPC's coroutine, its request class): what the server serves.
 Methods = Mapping[str, tuple[RPC, Any]]
+Buffer = bytes | bytearray | memoryview
 
 
 class ConnectionError_(Exception):
@@ -286,39 +287,51 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
+        # Frames are parsed from a view of what arrived (the read itself when nothing was left
+        # over), their payloads are views of it, and what a handler keeps it copies.
+        if self.buf:
+            self.buf += data
+            source: bytes | bytearray = self.buf
+        else:
+            source = data
         try:
-            if not self.preface:
-                if len(buf) < len(PREFACE):
-                    if not PREFACE.startswith(bytes(buf)):
-                        raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-                    return
-                if not buf.startswith(PREFACE):
-                    raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-                del buf[: len(PREFACE)]
-                self.preface = True
-            pos, end = 0, len(buf)
+            pos = 0 if self.preface else self._preface(source)
+            if pos < 0:  # the preface is not all in yet
+                self.buf = bytearray(source)
+                return
+            view, end = memoryview(source), len(source)
             while end - pos >= 9:
-                head, flags, sid = FRAME_HEADER.unpack_from(buf, pos)
+                head, flags, sid = FRAME_HEADER.unpack_from(source, pos)
                 length, ftype = head >> 8, head & 0xFF
                 if length > MAX_FRAME:
                     raise ConnectionError_(FRAME_SIZE_ERROR, f"a frame of {length} bytes")
                 if end - pos - 9 < length:
                     break
-                payload = bytes(buf[pos + 9 : pos + 9 + length])
+                payload = view[pos + 9 : pos + 9 + length]
                 pos += 9 + length
                 self._frame(ftype, flags, sid & 0x7FFFFFFF, payload)
                 if self.closed:
                     return
-            del buf[:pos]
+            # a new buffer, not an in-place delete: views of the old one may still be alive
+            self.buf = bytearray(view[pos:])
         except ConnectionError_ as exc:
             self._fail(exc.code, str(exc))
             return
         self._acknowledge()
 
+    def _preface(self, source: bytes | bytearray) -> int:
+        """Where the frames start once the client's preface is in (-1 while it is not)."""
+        if len(source) < len(PREFACE):
+            if not PREFACE.startswith(bytes(source)):
+                raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+            return -1
+        if not source.startswith(PREFACE):
+            raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+        self.preface = True
+        return len(PREFACE)
+
     # -- frames -----------------------------------------------------------------------------
-    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+    def _frame(self, ftype: int, flags: int, sid: int, payload: memoryview) -> None:
         if self.continuing is not None and ftype != CONTINUATION:
             raise ConnectionError_(PROTOCOL_ERROR, "a header block was interrupted")
         if ftype == DATA:
@@ -348,7 +361,7 @@ class Connection(asyncio.Protocol):
             if sid != 0 or len(payload) != 8:
                 raise ConnectionError_(PROTOCOL_ERROR, "malformed PING")
             if not flags & ACK:
-                self.send(_frame(PING, ACK, 0, payload))
+                self.send(_frame(PING, ACK, 0, bytes(payload)))
         elif ftype == GOAWAY:
             self.draining = True  # the client will open no more calls
             self._close_if_idle()
@@ -358,14 +371,14 @@ class Connection(asyncio.Protocol):
             raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         # PRIORITY and unknown frame types are ignored
 
-    def _headers(self, flags: int, sid: int, payload: bytes) -> None:
+    def _headers(self, flags: int, sid: int, payload: memoryview) -> None:
         if sid == 0 or sid % 2 == 0:
             raise ConnectionError_(PROTOCOL_ERROR, f"HEADERS on stream {sid}")
         payload = self._unpad(flags, payload)
         if flags & PRIORITY_FLAG:
             payload = payload[5:]
         if flags & END_HEADERS:
-            self._header_block(sid, payload, flags)
+            self._header_block(sid, bytes(payload), flags)
         else:
             self.continuing = (sid, bytearray(payload), flags)
 
@@ -397,7 +410,7 @@ class Connection(asyncio.Protocol):
             if not flags & END_STREAM:
                 raise ConnectionError_(PROTOCOL_ERROR, "trailers without END_STREAM")
             if call.task is None and not call.done:
-                self._dispatch(call)
+                self._dispatch(call, call.body)
             return
         if sid <= self.last_sid:
             raise ConnectionError_(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
@@ -422,9 +435,9 @@ class Connection(asyncio.Protocol):
                 f"grpc-encoding '{head.encoding}' is not supported (supported: {ENCODINGS})",
             )
         elif flags & END_STREAM:
-            self._dispatch(call)
+            self._dispatch(call, call.body)
 
-    def _data(self, flags: int, sid: int, payload: bytes) -> None:
+    def _data(self, flags: int, sid: int, payload: memoryview) -> None:
         if sid == 0:
             raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
         self.unacked += len(payload)  # padding included: it counts against the window
@@ -436,6 +449,9 @@ class Connection(asyncio.Protocol):
         if call.task is not None:
             raise ConnectionError_(STREAM_CLOSED, f"DATA after END_STREAM on stream {sid}")
         data = self._unpad(flags, payload)
+        if flags & END_STREAM and not call.body:  # the whole message in one frame: not copied
+            self._dispatch(call, data)
+            return
         call.body += data
         call.acked += len(payload)
         self.buffered += len(data)
@@ -455,17 +471,17 @@ class Connection(asyncio.Protocol):
                 self.send(_frame(RST_STREAM, 0, sid, NO_ERROR.to_bytes(4)))
                 return
         if flags & END_STREAM:
-            self._dispatch(call)
+            self._dispatch(call, call.body)
 
     @staticmethod
-    def _unpad(flags: int, payload: bytes) -> bytes:
+    def _unpad(flags: int, payload: memoryview) -> memoryview:
         if not flags & PADDED:
             return payload
         if not payload or payload[0] >= len(payload):
             raise ConnectionError_(PROTOCOL_ERROR, "padding longer than the frame")
         return payload[1 : len(payload) - payload[0]]
 
-    def _settings(self, flags: int, sid: int, payload: bytes) -> None:
+    def _settings(self, flags: int, sid: int, payload: memoryview) -> None:
         if sid != 0 or len(payload) % 6:
             raise ConnectionError_(FRAME_SIZE_ERROR, "malformed SETTINGS")
         if flags & ACK:
@@ -485,7 +501,7 @@ class Connection(asyncio.Protocol):
         self.send(_frame(SETTINGS, ACK, 0))
         self._pump()
 
-    def _window_update(self, sid: int, payload: bytes) -> None:
+    def _window_update(self, sid: int, payload: memoryview) -> None:
         if len(payload) != 4:
             raise ConnectionError_(FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE")
         step = int.from_bytes(payload) & 0x7FFFFFFF
@@ -517,18 +533,28 @@ class Connection(asyncio.Protocol):
             call.body = bytearray()
             self._acknowledge()
 
-    def _dispatch(self, call: Call) -> None:
-        """The client's half is complete: decode its message and start its RPC."""
-        body = bytes(call.body)
-        self._release(call)
+    def _dispatch(self, call: Call, body: Buffer) -> None:
+        """The client's half is complete (`body`): decode its message and start its RPC."""
         rpc, request_class = self.server.methods[call.path]
-        if len(body) < 5 or len(body) != 5 + int.from_bytes(body[1:5]):
+        size = int.from_bytes(body[1:5]) if len(body) >= 5 else -1
+        if size > self.server.max_message:
+            self._trailers_only(
+                call,
+                RESOURCE_EXHAUSTED,
+                f"Received message larger than max ({size} vs. {self.server.max_message})",
+            )
+        elif len(body) != 5 + size:
             self._trailers_only(
                 call, INVALID_ARGUMENT, "a unary call carries exactly one request message"
             )
-            return
-        message = body[5:]
-        if body[0]:
+        else:
+            self._start(call, rpc, request_class, memoryview(body)[5:], body[0])
+        self._release(call)
+
+    def _start(
+        self, call: Call, rpc: RPC, request_class: Any, message: Buffer, compressed: int
+    ) -> None:
+        if compressed:
             try:
                 message = self._inflate(call.encoding, message)
             except (zlib.error, ValueError) as exc:
@@ -551,7 +577,7 @@ class Connection(asyncio.Protocol):
             return
         call.task = self.loop.create_task(self._run(call, rpc, request))
 
-    def _inflate(self, encoding: str, message: bytes) -> bytes:
+    def _inflate(self, encoding: str, message: Buffer) -> bytes:
         if encoding == "identity":
             raise ValueError("compressed flag set without a grpc-encoding")
         inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)

@@ -1,0 +1,288 @@
+"""onnxserve's own HTTP/2 gRPC server (service/grpc/h2server.py) in-process, against grpcio's
+real client (the C core every gRPC user has): TLS with ALPN, compression, answers and requests
+larger than a window or a frame, cancellation, deadlines, metadata both ways, statuses with
+details and trailing metadata, shutdown; and raw sockets for what no client library sends."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from hpack import Decoder, Encoder
+
+from service.config import Settings
+from service.grpc import h2server
+from service.grpc import messages as pb
+
+pytestmark = pytest.mark.unit
+ECHO, SLOW, FAIL = (pb.method_path(m) for m in ("ModelInfer", "ServerLive", "ServerReady"))
+MAX_BODY = 4 * 1024 * 1024
+
+
+class Service:
+    """Three RPCs: ModelInfer echoes its raw inputs as outputs (with what the call saw),
+    ServerLive waits for `release`, ServerReady aborts with a status, details and a hint."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def echo(self, request, context):
+        response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+        response.raw_output_contents.extend(request.raw_input_contents)
+        remaining = context.time_remaining()
+        response.parameters["remaining"].string_param = "" if remaining is None else str(remaining)
+        for key, value in context.invocation_metadata():
+            response.parameters[f"md-{key}"].string_param = value
+        context.set_trailing_metadata((("server-timing", "queue;dur=1"),))
+        return response
+
+    async def slow(self, request, context):
+        self.started.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return pb.ServerLiveResponse(live=True)
+
+    async def fail(self, request, context):
+        await context.abort(
+            grpc.StatusCode.NOT_FOUND, "modèle 'x' 100% absent", (("retry-after", "2"),)
+        )
+
+    def methods(self) -> h2server.Methods:
+        return {
+            ECHO: (self.echo, pb.ModelInferRequest),
+            SLOW: (self.slow, pb.ServerLiveRequest),
+            FAIL: (self.fail, pb.ServerReadyRequest),
+        }
+
+
+async def serve(service: Service, tls=None, **settings) -> tuple[h2server.H2Server, int]:
+    server = h2server.H2Server(Settings(max_body_bytes=MAX_BODY, **settings), service.methods())
+    await server.listen("127.0.0.1", 0, tls, False)
+    return server, server._servers[0].sockets[0].getsockname()[1]
+
+
+def rpc(channel: grpc.aio.Channel, path: str, request_class, response_class):
+    return channel.unary_unary(
+        path, request_serializer=request_class.SerializeToString,
+        response_deserializer=response_class.FromString,
+    )  # fmt: skip
+
+
+def echo_request(*blobs: bytes, name: str = "m") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=name)
+    request.raw_input_contents.extend(blobs)
+    return request
+
+
+async def test_answers_metadata_deadlines_and_many_concurrent_calls():
+    service = Service()
+    server, port = await serve(service)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        echo = rpc(channel, ECHO, pb.ModelInferRequest, pb.ModelInferResponse)
+        call = echo(echo_request(b"abc"), metadata=(("authorization", "Bearer k"),), timeout=30)
+        answer = await call
+        assert list(answer.raw_output_contents) == [b"abc"]
+        assert answer.parameters["md-authorization"].string_param == "Bearer k"
+        assert 25 < float(answer.parameters["remaining"].string_param) <= 30
+        assert ("server-timing", "queue;dur=1") in tuple(await call.trailing_metadata())
+        no_deadline = await echo(echo_request(b""))
+        assert no_deadline.parameters["remaining"].string_param == ""
+        # 300 calls in flight on one connection, each with its own payload
+        blobs = [i.to_bytes(4, "big") * (i % 7 + 1) for i in range(300)]
+        answers = await asyncio.gather(*(echo(echo_request(b, name=str(i)))
+                                         for i, b in enumerate(blobs)))  # fmt: skip
+        assert [a.raw_output_contents[0] for a in answers] == blobs
+        assert [a.model_name for a in answers] == [str(i) for i in range(300)]
+    server.close()
+    await server.wait(1)
+
+
+async def test_larger_than_a_window_or_a_frame_both_ways_and_the_size_limit():
+    service = Service()
+    server, port = await serve(service)
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", -1)]
+    ) as channel:
+        echo = rpc(channel, ECHO, pb.ModelInferRequest, pb.ModelInferResponse)
+        # 3 MB in (over our 1 MiB frame limit), 3 MB out (over the client's 64 KiB window)
+        big = bytes(range(256)) * (3 * 4096)
+        answers = await asyncio.gather(*(echo(echo_request(big, bytes([k]))) for k in range(4)))
+        assert all(list(a.raw_output_contents) == [big, bytes([k])] for k, a in enumerate(answers))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await echo(echo_request(b"x" * (MAX_BODY + 1)))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in info.value.details()
+        assert list((await echo(echo_request(b"after"))).raw_output_contents) == [b"after"]
+    server.close()
+    await server.wait(1)
+
+
+@pytest.mark.parametrize("algorithm", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+async def test_compressed_requests(algorithm):
+    service = Service()
+    server, port = await serve(service)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", compression=algorithm) as channel:
+        echo = rpc(channel, ECHO, pb.ModelInferRequest, pb.ModelInferResponse)
+        blob = b"compressible " * 10_000
+        assert list((await echo(echo_request(blob))).raw_output_contents) == [blob]
+    server.close()
+    await server.wait(1)
+
+
+async def test_statuses_unknown_methods_and_cancellation():
+    service = Service()
+    server, port = await serve(service)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await rpc(channel, FAIL, pb.ServerReadyRequest, pb.ServerReadyResponse)(
+                pb.ServerReadyRequest()
+            )
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert info.value.details() == "modèle 'x' 100% absent"
+        assert ("retry-after", "2") in tuple(info.value.trailing_metadata())
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await rpc(channel, "/inference.GRPCInferenceService/Nope", pb.ServerLiveRequest,
+                      pb.ServerLiveResponse)(pb.ServerLiveRequest())  # fmt: skip
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # the client cancels: RST_STREAM reaches the RPC as a cancellation
+        call = rpc(channel, SLOW, pb.ServerLiveRequest, pb.ServerLiveResponse)(
+            pb.ServerLiveRequest()
+        )
+        await asyncio.wait_for(service.started.wait(), 5)
+        call.cancel()
+        await asyncio.wait_for(service.cancelled.wait(), 5)
+        assert not any(c.calls for c in server.connections)
+    server.close()
+    await server.wait(1)
+
+
+async def test_shutdown_finishes_open_calls_and_refuses_new_ones():
+    service = Service()
+    server, port = await serve(service)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        slow = rpc(channel, SLOW, pb.ServerLiveRequest, pb.ServerLiveResponse)
+        open_call = asyncio.ensure_future(slow(pb.ServerLiveRequest()))
+        await asyncio.wait_for(service.started.wait(), 5)
+        server.close()
+        waiting = asyncio.ensure_future(server.wait(10))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # the open call holds the server
+        service.release.set()
+        assert (await open_call).live
+        await asyncio.wait_for(waiting, 5)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await slow(pb.ServerLiveRequest(), timeout=2)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_tls_with_alpn_h2(tmp_path: Path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    service = Service()
+    server, port = await serve(service, h2server.tls_context(str(cert), str(key)))
+    credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+    async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
+        echo = rpc(channel, ECHO, pb.ModelInferRequest, pb.ModelInferResponse)
+        assert list((await echo(echo_request(b"tls"))).raw_output_contents) == [b"tls"]
+    server.close()
+    await server.wait(1)
+
+
+# -- raw sockets ---------------------------------------------------------------------------------
+def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">IBI", len(payload) << 8 | ftype, flags, sid) + payload
+
+
+def read_frames(sock: socket.socket, until: float = 3.0) -> list[tuple[int, int, int, bytes]]:
+    """Every frame the server sends before it closes (or `until` seconds pass)."""
+    sock.settimeout(until)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pass
+    frames, pos = [], 0
+    while len(data) - pos >= 9:
+        head, flags, sid = struct.unpack_from(">IBI", data, pos)
+        frames.append((head & 0xFF, flags, sid, data[pos + 9 : pos + 9 + (head >> 8)]))
+        pos += 9 + (head >> 8)
+    return frames
+
+
+async def test_not_http2_and_broken_frames_end_the_connection_and_the_server_serves_on():
+    service = Service()
+    server, port = await serve(service)
+    loop = asyncio.get_running_loop()
+
+    def exchange(data: bytes) -> list[tuple[int, int, int, bytes]]:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(data)
+            return read_frames(sock)
+
+    http1 = await loop.run_in_executor(None, exchange, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    goaway = [f for f in http1 if f[0] == h2server.GOAWAY]
+    assert goaway and int.from_bytes(goaway[0][3][4:8]) == h2server.PROTOCOL_ERROR
+    # DATA on a stream that was never opened
+    broken = await loop.run_in_executor(
+        None, exchange, h2server.PREFACE + frame(h2server.SETTINGS, 0, 0) + frame(0, 1, 7, b"x")
+    )
+    goaway = [f for f in broken if f[0] == h2server.GOAWAY]
+    assert goaway and int.from_bytes(goaway[0][3][4:8]) == h2server.PROTOCOL_ERROR
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        echo = rpc(channel, ECHO, pb.ModelInferRequest, pb.ModelInferResponse)
+        assert list((await echo(echo_request(b"ok"))).raw_output_contents) == [b"ok"]
+    server.close()
+    await server.wait(1)
+
+
+async def test_a_call_whose_message_never_comes_ends_at_the_body_timeout():
+    service = Service()
+    server, port = await serve(service, body_timeout_s=1.0)
+    headers = Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", ECHO),
+                                (":authority", "x"), ("content-type", "application/grpc"),
+                                ("te", "trailers")])  # fmt: skip
+
+    def stall() -> list[tuple[int, int, int, bytes]]:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(h2server.PREFACE + frame(h2server.SETTINGS, 0, 0)
+                         + frame(h2server.HEADERS, h2server.END_HEADERS, 1, headers))  # fmt: skip
+            return read_frames(sock, until=3.5)
+
+    frames = await asyncio.get_running_loop().run_in_executor(None, stall)
+    trailers = [f for f in frames if f[0] == h2server.HEADERS and f[2] == 1]
+    assert trailers and trailers[0][1] & h2server.END_STREAM
+    fields = dict(Decoder().decode(trailers[0][3]))
+    assert fields["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+    assert any(f[0] == h2server.RST_STREAM and f[2] == 1 for f in frames)
+    server.close()
+    await server.wait(1)
+
+
+def test_grpc_timeout_and_message_encodings():
+    assert h2server._timeout_s("100m") == pytest.approx(0.1)
+    assert h2server._timeout_s("2S") == 2.0 and h2server._timeout_s("1H") == 3600.0
+    assert h2server._timeout_s("123456789S") is None  # 9 digits
+    assert h2server._timeout_s("5x") is None and h2server._timeout_s("") is None
+    assert h2server._percent("a 100% é\n") == b"a 100%25 %C3%A9%0A"
+    block = h2server.OK_HEADERS + h2server._trailers(5, "não", (("retry-after", "1"),))
+    assert Decoder().decode(block) == [(":status", "200"), ("content-type", "application/grpc"),
+                                       ("grpc-status", "5"), ("grpc-message", "n%C3%A3o"),
+                                       ("retry-after", "1")]  # fmt: skip
+    long = "k" * 300  # a length past HPACK's 7-bit prefix
+    assert Decoder().decode(h2server._literal("x-long", long)) == [("x-long", long)]
