@@ -65,6 +65,7 @@ MAX_HEADER_LIST_SIZE = 0x6
 MAX_STREAMS = 1024  # concurrent calls a connection; the batcher's queue is the real bound
 MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames for large tensors)
 MAX_HEADER_LIST = 16 * 1024
+READ_CHUNK = 64 * 1024  # a connection's read buffer to start with (it grows for large frames)
 MAX_WINDOW = (1 << 31) - 1
 DEFAULT_WINDOW = 65_535
 DEFAULT_FRAME = 16_384
@@ -223,7 +224,7 @@ class Call:
         return self.conn.peer
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """One client's HTTP/2 connection."""
 
     def __init__(self, server: H2Server) -> None:
@@ -231,7 +232,8 @@ class Connection(asyncio.Protocol):
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.peer = "unknown"
-        self.buf = bytearray()
+        self.rbuf = bytearray(READ_CHUNK)
+        self.rstart = self.rend = 0  # what is read and not yet parsed: rbuf[rstart:rend]
         self.preface = False
         self.decoder = Decoder(max_header_list_size=MAX_HEADER_LIST)
         self.heads: dict[bytes, Head] = {}  # see _head
@@ -286,49 +288,63 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
-        # Frames are parsed from a view of what arrived (the read itself when nothing was left
-        # over), their payloads are views of it, and what a handler keeps it copies.
-        if self.buf:
-            self.buf += data
-            source: bytes | bytearray = self.buf
-        else:
-            source = data
+    # -- reading: the kernel writes into our buffer; frames are parsed from views of it -------
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if len(self.rbuf) - self.rend < READ_CHUNK // 4:
+            self._make_room()
+        return memoryview(self.rbuf)[self.rend :]
+
+    def _make_room(self) -> None:
+        """A new buffer (views of the old one stay valid) that starts with what is unparsed and
+        holds the frame in progress and a read more."""
+        left = self.rend - self.rstart
+        size = left + READ_CHUNK
+        if left >= 9 and self.preface:
+            size = max(size, 9 + int.from_bytes(self.rbuf[self.rstart : self.rstart + 3]) + 1024)
+        new = bytearray(size)
+        new[:left] = self.rbuf[self.rstart : self.rend]
+        self.rbuf, self.rstart, self.rend = new, 0, left
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.rend += nbytes
+        buf, pos, end = self.rbuf, self.rstart, self.rend
         try:
-            pos = 0 if self.preface else self._preface(source)
-            if pos < 0:  # the preface is not all in yet
-                self.buf = bytearray(source)
-                return
-            view, end = memoryview(source), len(source)
+            if not self.preface:
+                pos = self._preface(buf, pos, end)
+                if pos < 0:
+                    return
+            view = memoryview(buf)
             while end - pos >= 9:
-                head, flags, sid = FRAME_HEADER.unpack_from(source, pos)
+                head, flags, sid = FRAME_HEADER.unpack_from(buf, pos)
                 length, ftype = head >> 8, head & 0xFF
                 if length > MAX_FRAME:
                     raise ConnectionError_(FRAME_SIZE_ERROR, f"a frame of {length} bytes")
                 if end - pos - 9 < length:
                     break
-                payload = view[pos + 9 : pos + 9 + length]
+                payload = view[pos + 9 : pos + 9 + length]  # handlers copy what they keep
                 pos += 9 + length
                 self._frame(ftype, flags, sid & 0x7FFFFFFF, payload)
                 if self.closed:
                     return
-            # a new buffer, not an in-place delete: views of the old one may still be alive
-            self.buf = bytearray(view[pos:])
         except ConnectionError_ as exc:
             self._fail(exc.code, str(exc))
             return
+        if pos == end:  # all parsed: the next read starts at the buffer's start again
+            pos = self.rend = 0
+            if len(buf) > 16 * READ_CHUNK:  # a large frame is done: give its room back
+                self.rbuf = bytearray(READ_CHUNK)
+        self.rstart = pos
         self._acknowledge()
 
-    def _preface(self, source: bytes | bytearray) -> int:
+    def _preface(self, buf: bytearray, pos: int, end: int) -> int:
         """Where the frames start once the client's preface is in (-1 while it is not)."""
-        if len(source) < len(PREFACE):
-            if not PREFACE.startswith(bytes(source)):
-                raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-            return -1
-        if not source.startswith(PREFACE):
+        got = bytes(buf[pos : min(end, pos + len(PREFACE))])
+        if not PREFACE.startswith(got):
             raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+        if len(got) < len(PREFACE):
+            return -1
         self.preface = True
-        return len(PREFACE)
+        return pos + len(PREFACE)
 
     # -- frames -----------------------------------------------------------------------------
     def _frame(self, ftype: int, flags: int, sid: int, payload: memoryview) -> None:
