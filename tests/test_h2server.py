@@ -269,7 +269,8 @@ async def test_a_call_whose_message_never_comes_ends_at_the_body_timeout():
     assert trailers and trailers[0][1] & h2server.END_STREAM
     fields = dict(Decoder().decode(trailers[0][3]))
     assert fields["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
-    assert any(f[0] == h2server.RST_STREAM and f[2] == 1 for f in frames)
+    # NO_ERROR, not CANCEL: clients report the trailers' DEADLINE_EXCEEDED, not CANCELLED
+    assert any(f[0] == h2server.RST_STREAM and f[2] == 1 and f[3] == bytes(4) for f in frames)
     server.close()
     await server.wait(1)
 
@@ -286,3 +287,94 @@ def test_grpc_timeout_and_message_encodings():
                                        ("retry-after", "1")]  # fmt: skip
     long = "k" * 300  # a length past HPACK's 7-bit prefix
     assert Decoder().decode(h2server._literal("x-long", long)) == [("x-long", long)]
+
+
+def request_headers(path: str = ECHO, extra: list[tuple[str, str]] = ()) -> bytes:
+    return Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", path),
+                             (":authority", "x"), ("content-type", "application/grpc"),
+                             *extra])  # fmt: skip
+
+
+def raw_exchange(port: int, frames: bytes, until: float = 3.0) -> list[tuple[int, int, int, bytes]]:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(h2server.PREFACE + frame(h2server.SETTINGS, 0, 0) + frames)
+        return read_frames(sock, until)
+
+
+def goaway_code(frames: list[tuple[int, int, int, bytes]]) -> int | None:
+    codes = [int.from_bytes(f[3][4:8]) for f in frames if f[0] == h2server.GOAWAY]
+    return codes[0] if codes else None
+
+
+async def test_many_large_requests_on_one_connection_all_get_their_window():
+    """More near-maximal requests than the connection's budget of granted window: the first get
+    theirs at once, the rest as those finish; none stalls (the body timeout would end it)."""
+    service = Service()
+    server, port = await serve(service, body_timeout_s=4.0)
+    big = MAX_BODY - 64
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", -1)]
+    ) as channel:
+        echo = rpc(channel, ECHO, pb.ModelInferRequest, pb.ModelInferResponse)
+        blobs = [bytes([k]) * big for k in range(12)]
+        answers = await asyncio.gather(*(echo(echo_request(b), timeout=30) for b in blobs))
+        assert [a.raw_output_contents[0] for a in answers] == blobs
+        conn = next(iter(server.connections))
+        assert conn.reserved == 0 and not conn.waiting
+    server.close()
+    await server.wait(1)
+
+
+async def test_flow_control_and_framing_violations():
+    service = Service()
+    server, port = await serve(service)
+    run = asyncio.get_running_loop().run_in_executor
+    prefix = (4 * 1024 * 1024).to_bytes(4)  # 4 MiB declared: the budget grants four at once
+
+    # a body longer than its length prefix: INVALID_ARGUMENT, the stream reset, the rest served
+    frames = await run(None, raw_exchange, port, frame(h2server.HEADERS, 4, 1, request_headers())
+                       + frame(h2server.DATA, 0, 1, b"\x00" + (3).to_bytes(4) + b"abcdef")
+                       + frame(h2server.HEADERS, 4, 3, request_headers())
+                       + frame(h2server.DATA, 1, 3, b"\x00" + (0).to_bytes(4)))  # fmt: skip
+    first = [Decoder().decode(f[3]) for f in frames if f[0] == h2server.HEADERS and f[2] == 1]
+    assert ("grpc-status", "3") in first[0] and goaway_code(frames) is None
+    assert any(f[0] == h2server.RST_STREAM and f[2] == 1 and f[3] == bytes(4) for f in frames)
+    assert any(f[0] == h2server.DATA and f[2] == 3 for f in frames)  # stream 3 answered
+
+    # the fifth such stream waits for window; sending past its first window is an error
+    opened = b"".join(frame(h2server.HEADERS, 4, sid, request_headers())
+                      + frame(h2server.DATA, 0, sid, b"\x00" + prefix)
+                      for sid in (1, 3, 5, 7, 9))  # fmt: skip
+    granted = await run(None, raw_exchange, port, opened, 1.0)
+    grants = {f[2] for f in granted if f[0] == h2server.WINDOW_UPDATE and f[2]}
+    assert grants == {1, 3, 5, 7}
+    over = opened + frame(h2server.DATA, 0, 9, bytes(h2server.STREAM_WINDOW))
+    assert goaway_code(await run(None, raw_exchange, port, over)) == h2server.FLOW_CONTROL_ERROR
+
+    # SETTINGS floods (each may touch every call) are refused
+    flood = frame(h2server.SETTINGS, 0, 0) * (h2server.SETTINGS_PER_S + 10)
+    assert goaway_code(await run(None, raw_exchange, port, flood)) == h2server.ENHANCE_YOUR_CALM
+
+    # an empty header name is metadata like any other, not a crash
+    odd = Encoder().encode([("", "v")])
+    frames = await run(None, raw_exchange, port,
+                       frame(h2server.HEADERS, 4, 1, request_headers() + odd)
+                       + frame(h2server.DATA, 1, 1, b"\x00" + (0).to_bytes(4)))  # fmt: skip
+    assert any(f[0] == h2server.DATA and f[2] == 1 for f in frames) and goaway_code(frames) is None
+    server.close()
+    await server.wait(1)
+
+
+async def test_a_small_message_limit_still_serves():
+    """max_body_bytes under HTTP/2's default windows (the config allows 1 KiB)."""
+    server = h2server.H2Server(Settings(max_body_bytes=2048), Service().methods())
+    await server.listen("127.0.0.1", 0, None, False)
+    port = server._servers[0].sockets[0].getsockname()[1]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        echo = rpc(channel, ECHO, pb.ModelInferRequest, pb.ModelInferResponse)
+        assert list((await echo(echo_request(b"small"))).raw_output_contents) == [b"small"]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await echo(echo_request(bytes(3000)))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    server.close()
+    await server.wait(1)

@@ -34,6 +34,7 @@ import ssl
 import struct
 import time
 import zlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple, NoReturn, cast
 
@@ -57,12 +58,17 @@ PADDED = 0x8
 PRIORITY_FLAG = 0x20
 # error codes
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x5, 0x6, 0x7, 0x8, 0x9
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, COMPRESSION_ERROR = 0x5, 0x6, 0x7, 0x9
 # settings
 HEADER_TABLE_SIZE, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE = 0x1, 0x3, 0x4, 0x5
 MAX_HEADER_LIST_SIZE = 0x6
 
-MAX_STREAMS = 1024  # concurrent calls a connection; the batcher's queue is the real bound
+MAX_STREAMS = 256  # concurrent calls a connection (clients queue more); the batcher's queue
+# is the real bound
+STREAM_WINDOW = 256 * 1024  # a call's request window to start with (a 32-row CNN batch fits)
+CONN_WINDOW = 16 * 1024 * 1024  # the connection's request window, acknowledged as read
+SETTINGS_PER_S = 100  # SETTINGS frames a client may send a second (each may touch every call)
+ENHANCE_YOUR_CALM = 0xB
 MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames for large tensors)
 MAX_HEADER_LIST = 16 * 1024
 READ_CHUNK = 64 * 1024  # a connection's read buffer to start with (it grows for large frames)
@@ -72,6 +78,7 @@ DEFAULT_FRAME = 16_384
 FRAME_HEADER = struct.Struct(">IBI")  # (length << 8 | type, flags, stream id)
 TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 ENCODINGS = "identity,deflate,gzip"
+MAX_DETAILS = 2000  # characters of grpc-message: trailers fit one frame of the smallest size
 ONE_BYTE_INDEXED = bytes(range(0x81, 0xFF))  # HPACK: an indexed field, index 1-126
 # gRPC status codes, as grpc-status carries them
 CANCELLED, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = (
@@ -180,7 +187,11 @@ class Head(NamedTuple):
                 timeout = _timeout_s(value)
             elif name == "grpc-encoding":
                 encoding = value
-            elif name[0] != ":" and name not in ("te", "user-agent", "grpc-accept-encoding"):
+            elif not name.startswith(":") and name not in (
+                "te",
+                "user-agent",
+                "grpc-accept-encoding",
+            ):
                 metadata.append((name, value))
         grpc = method == "POST" and content_type.startswith("application/grpc")
         return cls(path, grpc, timeout, encoding, tuple(metadata))
@@ -190,7 +201,8 @@ class Call:
     """One call: its stream's state, and the context its RPC coroutine gets (as grpc.aio's)."""
 
     __slots__ = ("sid", "conn", "path", "metadata", "deadline", "body", "encoding", "send_window",
-                 "trailing", "task", "done", "started", "acked")  # fmt: skip
+                 "trailing", "task", "done", "started", "recv_window", "expect",
+                 "reserved")  # fmt: skip
 
     def __init__(self, sid: int, conn: Connection, head: Head, send_window: int) -> None:
         self.sid, self.conn, self.path = sid, conn, head.path
@@ -203,7 +215,9 @@ class Call:
         self.trailing: tuple = ()
         self.task: asyncio.Task | None = None
         self.done = False  # answered (or reset): nothing more is sent on it
-        self.acked = 0  # request bytes received since the stream's last WINDOW_UPDATE
+        self.recv_window = conn.server.stream_window  # request bytes the client may still send
+        self.expect = -1  # the whole request body's size, once its length prefix is in
+        self.reserved = 0  # window granted beyond the first, out of the connection's budget
 
     # -- the context of grpc.aio's ServicerContext that the servicer uses --------------------
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -244,8 +258,14 @@ class Connection(asyncio.BufferedProtocol):
         self.peer_frame = DEFAULT_FRAME
         self.send_window = DEFAULT_WINDOW  # connection-level, toward the client
         self.unacked = 0  # request bytes received since the connection's last WINDOW_UPDATE
-        self.buffered = 0  # bytes of messages not yet complete
-        self.blocked: dict[int, tuple[memoryview, bytes]] = {}  # sid -> (data left, trailers)
+        self.recv_window = CONN_WINDOW  # request bytes the client may still send
+        self.reserved = 0  # stream window granted beyond the first ones (see _reserve)
+        self.waiting: deque[Call] = deque()  # calls waiting for such a grant, in order
+        # answers with data left: waiting for the connection's window (`blocked`) or, parked,
+        # for their own stream's; sid -> (data left, trailers)
+        self.blocked: dict[int, tuple[memoryview, bytes]] = {}
+        self.parked: dict[int, tuple[memoryview, bytes]] = {}
+        self.settings_seen: deque[float] = deque()  # when the last SETTINGS frames came
         self.out: list[bytes] = []
         self.flushing = False
         self.draining = False  # GOAWAY sent
@@ -263,9 +283,7 @@ class Connection(asyncio.BufferedProtocol):
             self.peer = f"{family}:{peer[0]}:{peer[1]}"
         self.server.connections.add(self)
         self.send(_frame(SETTINGS, 0, 0, self.server.settings_payload))
-        self.send(
-            _frame(WINDOW_UPDATE, 0, 0, (self.server.conn_window - DEFAULT_WINDOW).to_bytes(4))
-        )
+        self.send(_frame(WINDOW_UPDATE, 0, 0, (CONN_WINDOW - DEFAULT_WINDOW).to_bytes(4)))
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -329,6 +347,10 @@ class Connection(asyncio.BufferedProtocol):
         except ConnectionError_ as exc:
             self._fail(exc.code, str(exc))
             return
+        except Exception:  # ours: end this connection cleanly, keep serving the others
+            log.exception("gRPC connection %s: unexpected error", self.peer)
+            self._fail(INTERNAL_ERROR, "internal error")
+            return
         if pos == end:  # all parsed: the next read starts at the buffer's start again
             pos = self.rend = 0
             if len(buf) > 16 * READ_CHUNK:  # a large frame is done: give its room back
@@ -371,6 +393,7 @@ class Connection(asyncio.BufferedProtocol):
             if call is not None:
                 self._cancel(call)
                 self.server.changed()
+                self._close_if_idle()
         elif ftype == SETTINGS:
             self._settings(flags, sid, payload)
         elif ftype == PING:
@@ -431,7 +454,7 @@ class Connection(asyncio.BufferedProtocol):
         if sid <= self.last_sid:
             raise ConnectionError_(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
         self.last_sid = sid
-        if self.draining or len(self.calls) >= MAX_STREAMS:
+        if self.draining or len(self.calls) >= MAX_STREAMS:  # clients retry REFUSED_STREAM
             self.send(_frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4)))
             return
         call = self.calls[sid] = Call(sid, self, head, self.peer_window)
@@ -456,7 +479,11 @@ class Connection(asyncio.BufferedProtocol):
     def _data(self, flags: int, sid: int, payload: memoryview) -> None:
         if sid == 0:
             raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
-        self.unacked += len(payload)  # padding included: it counts against the window
+        size = len(payload)  # padding included: it counts against the windows
+        self.unacked += size
+        self.recv_window -= size
+        if self.recv_window < 0:
+            raise ConnectionError_(FLOW_CONTROL_ERROR, "DATA past the connection's window")
         call = self.calls.get(sid)
         if call is None or call.done:
             if sid > self.last_sid:
@@ -464,30 +491,50 @@ class Connection(asyncio.BufferedProtocol):
             return  # answered early (over a limit) or reset: dropped, still acknowledged
         if call.task is not None:
             raise ConnectionError_(STREAM_CLOSED, f"DATA after END_STREAM on stream {sid}")
+        call.recv_window -= size
+        if call.recv_window < 0:
+            raise ConnectionError_(FLOW_CONTROL_ERROR, f"DATA past stream {sid}'s window")
         data = self._unpad(flags, payload)
         if flags & END_STREAM and not call.body:  # the whole message in one frame: not copied
             self._dispatch(call, data)
             return
         call.body += data
-        call.acked += len(payload)
-        self.buffered += len(data)
-        if call.acked >= self.server.stream_window // 2:  # a message larger than its window
-            self.send(_frame(WINDOW_UPDATE, 0, sid, call.acked.to_bytes(4)))
-            call.acked = 0
-        if len(call.body) >= 5:
-            size = int.from_bytes(call.body[1:5])
+        if call.expect < 0 and len(call.body) >= 5:
+            call.expect = 5 + int.from_bytes(call.body[1:5])
             limit = self.server.max_message
-            if size > limit:
-                self._release(call)
-                self._trailers_only(
+            if call.expect - 5 > limit:
+                self._refuse(
                     call,
                     RESOURCE_EXHAUSTED,
-                    f"Received message larger than max ({size} vs. {limit})",
+                    f"Received message larger than max ({call.expect - 5} vs. {limit})",
                 )
-                self.send(_frame(RST_STREAM, 0, sid, NO_ERROR.to_bytes(4)))
                 return
+            self._reserve(call)
+        if len(call.body) > call.expect >= 0:
+            self._refuse(call, INVALID_ARGUMENT, "a unary call carries exactly one request message")
+            return
         if flags & END_STREAM:
             self._dispatch(call, call.body)
+
+    def _refuse(self, call: Call, code: int, details: str) -> None:
+        """Answer a call whose request is still coming, and tell the client to stop sending."""
+        self._trailers_only(call, code, details)
+        self.send(_frame(RST_STREAM, 0, call.sid, NO_ERROR.to_bytes(4)))
+
+    def _reserve(self, call: Call) -> None:
+        """A message larger than the first window gets the rest of its window at once, if the
+        connection's budget (a few largest messages) allows, else when earlier ones are done:
+        what a connection buffers stays bounded and the calls that have their window finish."""
+        extra = call.expect - len(call.body) - call.recv_window
+        if extra <= 0:
+            return
+        if self.reserved and self.reserved + extra > self.server.budget:
+            self.waiting.append(call)
+            return
+        self.reserved += extra
+        call.reserved = extra
+        call.recv_window += extra
+        self.send(_frame(WINDOW_UPDATE, 0, call.sid, extra.to_bytes(4)))
 
     @staticmethod
     def _unpad(flags: int, payload: memoryview) -> memoryview:
@@ -502,20 +549,32 @@ class Connection(asyncio.BufferedProtocol):
             raise ConnectionError_(FRAME_SIZE_ERROR, "malformed SETTINGS")
         if flags & ACK:
             return
+        now, seen = time.monotonic(), self.settings_seen
+        seen.append(now)
+        while now - seen[0] > 1.0:
+            seen.popleft()
+        if len(seen) > SETTINGS_PER_S:
+            raise ConnectionError_(ENHANCE_YOUR_CALM, "too many SETTINGS frames")
+        window = frame = None  # a frame's last value of each counts
         for at in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HI", payload, at)
             if key == INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise ConnectionError_(FLOW_CONTROL_ERROR, "initial window too large")
-                delta, self.peer_window = value - self.peer_window, value
-                for call in self.calls.values():
-                    call.send_window += delta
+                window = value
             elif key == MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME <= value < 1 << 24:
                     raise ConnectionError_(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value}")
-                self.peer_frame = value
+                frame = value
+        if frame is not None:
+            self.peer_frame = frame
         self.send(_frame(SETTINGS, ACK, 0))
-        self._pump()
+        if window is not None and window != self.peer_window:
+            delta, self.peer_window = window - self.peer_window, window
+            for call in self.calls.values():
+                call.send_window += delta
+            if delta > 0:
+                self._unpark(list(self.parked))
 
     def _window_update(self, sid: int, payload: memoryview) -> None:
         if len(payload) != 4:
@@ -527,27 +586,41 @@ class Connection(asyncio.BufferedProtocol):
             self.send_window += step
             if self.send_window > MAX_WINDOW:
                 raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window overflow")
-        else:
-            call = self.calls.get(sid)
-            if call is None:
-                return
+            self._pump()
+            return
+        call = self.calls.get(sid)
+        if call is not None:
             call.send_window += step
-        self._pump()
+            if call.send_window > MAX_WINDOW:
+                raise ConnectionError_(FLOW_CONTROL_ERROR, f"stream {sid}'s window overflow")
+            if sid in self.parked:
+                self._unpark([sid])
 
     def _acknowledge(self) -> None:
-        """WINDOW_UPDATEs for the request bytes read, while the buffers are under the cap."""
-        server = self.server
-        if self.unacked >= server.conn_window // 4 and self.buffered < server.buffer_cap:
+        """A WINDOW_UPDATE for the request bytes read, once they are a quarter of the window."""
+        if self.unacked >= CONN_WINDOW // 4:
             self.send(_frame(WINDOW_UPDATE, 0, 0, self.unacked.to_bytes(4)))
+            self.recv_window += self.unacked
             self.unacked = 0
 
     # -- calls ------------------------------------------------------------------------------
     def _release(self, call: Call) -> None:
-        """Forget a call's buffered message (acknowledging what the cap held back)."""
+        """Forget a call's buffered message; its window grant goes to calls waiting for one."""
         if call.body:
-            self.buffered -= len(call.body)
             call.body = bytearray()
-            self._acknowledge()
+        if call.reserved:
+            self.reserved -= call.reserved
+            call.reserved = 0
+            while self.waiting and not self.closed:
+                first = self.waiting[0]
+                extra = first.expect - len(first.body) - first.recv_window
+                if first.done or first.task is not None or extra <= 0:
+                    self.waiting.popleft()
+                elif self.reserved and self.reserved + extra > self.server.budget:
+                    break
+                else:
+                    self.waiting.popleft()
+                    self._reserve(first)
 
     def _dispatch(self, call: Call, body: Buffer) -> None:
         """The client's half is complete (`body`): decode its message and start its RPC."""
@@ -614,7 +687,8 @@ class Connection(asyncio.BufferedProtocol):
         else:
             self._answer(call, message)
         finally:
-            if call.sid not in self.blocked:  # else kept for its window until its data is out
+            if call.sid not in self.blocked and call.sid not in self.parked:  # else kept for
+                # its window until its data is out
                 self.calls.pop(call.sid, None)
             self.server.changed()
             self._close_if_idle()
@@ -623,6 +697,7 @@ class Connection(asyncio.BufferedProtocol):
         call.done = True
         self._release(call)
         self.blocked.pop(call.sid, None)
+        self.parked.pop(call.sid, None)
         if call.task is not None:
             call.task.cancel()
 
@@ -647,15 +722,24 @@ class Connection(asyncio.BufferedProtocol):
         self.blocked[sid] = (memoryview(data), trailers)
         self._pump()
 
-    def _pump(self) -> None:
-        """Send what the windows allow of the answers waiting for them."""
-        for sid in list(self.blocked):
-            if self.send_window <= 0:
-                return
+    def _unpark(self, sids: list[int]) -> None:
+        """Answers whose stream window grew wait for the connection's again."""
+        for sid in sids:
             call = self.calls.get(sid)
-            data, trailers = self.blocked[sid]
+            if call is not None and call.send_window > 0:
+                self.blocked[sid] = self.parked.pop(sid)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send what the windows allow of the answers waiting for them, in order; an answer
+        whose own stream window is spent is parked until it grows."""
+        moved: list[int] = []
+        for sid, (data, trailers) in self.blocked.items():
+            if self.send_window <= 0:
+                break
+            moved.append(sid)
+            call = self.calls.get(sid)
             if call is None:
-                del self.blocked[sid]
                 continue
             while data and call.send_window > 0 and self.send_window > 0:
                 n = min(len(data), call.send_window, self.send_window, self.peer_frame)
@@ -664,12 +748,17 @@ class Connection(asyncio.BufferedProtocol):
                 call.send_window -= n
                 self.send_window -= n
             if data:
-                self.blocked[sid] = (data, trailers)
+                if call.send_window > 0:  # the connection's window is spent: stays first
+                    self.blocked[sid] = (data, trailers)
+                    moved.pop()
+                    break
+                self.parked[sid] = (data, trailers)
             else:
-                del self.blocked[sid]
                 self.send(_frame(HEADERS, END_HEADERS | END_STREAM, sid, trailers))
                 self.calls.pop(sid, None)
                 self.server.changed()
+        for sid in moved:
+            del self.blocked[sid]
         self._close_if_idle()
 
     def _trailers_only(
@@ -682,7 +771,7 @@ class Connection(asyncio.BufferedProtocol):
         if call.task is None:  # answered before its RPC ran: forget it now
             self.calls.pop(call.sid, None)
             self._release(call)
-        block = status + OK_HEADERS[1:] + _trailers(code, details, trailing)
+        block = status + OK_HEADERS[1:] + _trailers(code, details[:MAX_DETAILS], trailing)
         self.send(_frame(HEADERS, END_HEADERS | END_STREAM, call.sid, block))
         self.server.changed()
 
@@ -713,10 +802,7 @@ class Connection(asyncio.BufferedProtocol):
                 return
         for call in list(self.calls.values()):
             if call.task is None and not call.done and now - call.started > server.body_timeout_s:
-                self._trailers_only(
-                    call, DEADLINE_EXCEEDED, "the request message did not arrive in time"
-                )
-                self.send(_frame(RST_STREAM, 0, call.sid, CANCEL.to_bytes(4)))
+                self._refuse(call, DEADLINE_EXCEEDED, "the request message did not arrive in time")
         if not self.closed:
             self._arm()
 
@@ -757,10 +843,9 @@ class H2Server:
         self.max_message = settings.max_body_bytes
         self.header_timeout_s = settings.header_timeout_s
         self.body_timeout_s = settings.body_timeout_s
-        # a stream's window holds a whole message; the connection's, a few
-        self.stream_window = min(settings.max_body_bytes + 5, MAX_WINDOW)
-        self.conn_window = min(4 * self.stream_window, MAX_WINDOW)
-        self.buffer_cap = 4 * (settings.max_body_bytes + 5)
+        self.stream_window = min(STREAM_WINDOW, settings.max_body_bytes + 5)
+        # window granted beyond the first ones, on one connection: a few largest messages
+        self.budget = 4 * (settings.max_body_bytes + 5)
         self.settings_payload = b"".join(
             struct.pack(">HI", key, value)
             for key, value in (
