@@ -901,10 +901,14 @@ class H2Server:
             task.cancel()
         if cut:
             await asyncio.wait(cut, timeout=1.0)
+        await asyncio.sleep(0.05)  # the last answers' writes
         for conn in list(self.connections):
             conn._flush()
-            if conn.transport is not None:
-                conn.transport.close()
+            if conn.transport is not None:  # a client that does not read is not waited for
+                if conn.transport.get_write_buffer_size():
+                    conn.transport.abort()
+                else:
+                    conn.transport.close()
         for server in self._servers:
             await server.wait_closed()
 
