@@ -2,15 +2,17 @@
 
 Contract for `run`: given a dict of input arrays whose first axis holds N rows, return a dict of
 output arrays whose first axis holds the same N rows in the same order. `run` executes in a
-worker thread of `executor` (ONNX Runtime releases the GIL), with one exception for light
-load: a lone one-row request runs on the event loop itself when that input shape's one-row runs
-take under `inline_ns` on average (the two thread hops cost more than a run that small: the loop
-is held no longer than one request's parsing holds it). Only when nothing else is queued or in
-flight, the last batch was a lone request too, and no batch started earlier in the same turn of
-the loop: under load, requests that arrive together (one turn's reads) go to the thread and
-merge, and merged batches keep the next ones off the loop, so batching is never traded away.
-Never for a model without a batch axis (its requests' sizes are not known by their shape key)
-and never on a GPU (the caller leaves `inline_ns` at 0: a CUDA session sets up per thread).
+worker thread of `executor` (ONNX Runtime releases the GIL), with one exception for light load:
+a lone one-row request runs on the event loop itself when that input shape's one-row runs take
+under `inline_ns` (the median of its last runs, so that one slow run, a page fault or a busy
+neighbour, does not send the next ones to the thread; the two thread hops cost more than a run
+that small: the loop is held no longer than one request's parsing holds it). Only when nothing
+else is queued or in flight, the last batch was a lone request too, and no batch started earlier
+in the same turn of the loop: under load, requests that arrive together (one turn's reads) go to
+the thread and merge, and merged batches keep the next ones off the loop, so batching is never
+traded away. Never for a model without a batch axis (its requests' sizes are not known by their
+shape key) and never on a GPU (the caller leaves `inline_ns` at 0: a CUDA session sets up per
+thread).
 
 Dispatch rule: a batch leaves as soon as an instance is free and either nothing else is in flight
 (an idle batcher runs a lone request at once), `max_batch_size` rows are waiting, or the oldest
@@ -42,6 +44,7 @@ ONLINE, BACKGROUND = 0, 1
 #: dispatched in its own `submit` runs (it never waited).
 LATE_S = 0.001
 MAX_LONE_SHAPES = 64
+LONE_RUNS = 9  # one-row runs a shape's median is taken over
 
 
 @dataclass(slots=True)
@@ -147,7 +150,8 @@ class Batcher:
         self._reserved = 0  # slots held by Reservations
         self._room_waiters: deque[RoomWaiter] = deque()
         self._inlining = self.inline_ns > 0 and self.max_batch_size > 0
-        self._lone_ns: dict[tuple, int] = {}  # batch key -> one-row run time, moving average
+        self._lone_ns: dict[tuple, int] = {}  # batch key -> median of its recent one-row runs
+        self._lone_runs: dict[tuple, deque[int]] = {}  # batch key -> its recent one-row runs
         self._last_batch = 0  # requests in the batch launched last
         self._launched_this_turn = False  # a batch started in this turn of the event loop
 
@@ -440,9 +444,12 @@ class Batcher:
         self._pump()
 
     def _measure_lone(self, key: tuple, infer_ns: int) -> None:
-        """Fold a one-row run's time into its shape's moving average (a few dozen shapes kept)."""
-        last = self._lone_ns.get(key)
-        if last is not None:
-            self._lone_ns[key] = (3 * last + infer_ns) // 4
-        elif len(self._lone_ns) < MAX_LONE_SHAPES:
-            self._lone_ns[key] = infer_ns
+        """Note a one-row run's time; its shape's figure is the median of the last few (a few
+        dozen shapes kept)."""
+        runs = self._lone_runs.get(key)
+        if runs is None:
+            if len(self._lone_runs) >= MAX_LONE_SHAPES:
+                return
+            runs = self._lone_runs[key] = deque(maxlen=LONE_RUNS)
+        runs.append(infer_ns)
+        self._lone_ns[key] = sorted(runs)[len(runs) // 2]

@@ -314,3 +314,25 @@ async def test_a_model_without_a_batch_axis_never_runs_on_the_loop():
     for n in (1, 1, 1, 500):
         await b.submit({"x": np.ones((n, 3), np.float32)})
     assert "MainThread" not in model.threads
+
+
+async def test_one_slow_run_does_not_send_the_next_lone_requests_to_the_thread():
+    """The inline decision reads the median of a shape's last runs, not a running average that
+    one outlier (a page fault, a busy neighbour) would push past the limit."""
+    model = FakeModel()
+    b = make(model, max_batch_size=8, inline_ns=20_000_000)  # 20 ms
+    for i in range(4):
+        await b.submit(row(i))
+    model.delay = 0.2  # one run of 200 ms: ten times the limit
+    await b.submit(row(4))
+    model.delay = 0.0
+    model.where.clear()
+    await b.submit(row(5))
+    assert model.where == ["MainThread"]
+    model.delay = 0.05  # runs that stay slow do move the median past the limit
+    for i in range(6):
+        await b.submit(row(i))
+    model.delay = 0.0
+    model.where.clear()
+    await b.submit(row(6))
+    assert model.where != ["MainThread"]
