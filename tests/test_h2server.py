@@ -378,3 +378,21 @@ async def test_a_small_message_limit_still_serves():
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     server.close()
     await server.wait(1)
+
+
+async def test_a_rapid_reset_flood_ends_the_connection():
+    """Calls started and reset at once (CVE-2023-44487's pattern) cost work each: past
+    RESETS_PER_S a second the connection ends with ENHANCE_YOUR_CALM."""
+    service = Service()
+    server, port = await serve(service)
+    block = request_headers(SLOW)
+    calls = b"".join(
+        frame(h2server.HEADERS, 4, sid, block)
+        + frame(h2server.DATA, 1, sid, b"\x00" + (0).to_bytes(4))
+        + frame(h2server.RST_STREAM, 0, sid, (8).to_bytes(4))
+        for sid in range(1, 2 * (h2server.RESETS_PER_S + 50), 2)
+    )
+    frames = await asyncio.get_running_loop().run_in_executor(None, raw_exchange, port, calls)
+    assert goaway_code(frames) == h2server.ENHANCE_YOUR_CALM
+    server.close()
+    await server.wait(1)

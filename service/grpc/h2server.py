@@ -68,10 +68,12 @@ MAX_STREAMS = 256  # concurrent calls a connection (clients queue more); the bat
 STREAM_WINDOW = 256 * 1024  # a call's request window to start with (a 32-row CNN batch fits)
 CONN_WINDOW = 16 * 1024 * 1024  # the connection's request window, acknowledged as read
 SETTINGS_PER_S = 100  # SETTINGS frames a client may send a second (each may touch every call)
+RESETS_PER_S = 1000  # calls a client may start and reset a second ("rapid reset" floods)
 ENHANCE_YOUR_CALM = 0xB
 MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames for large tensors)
 MAX_HEADER_LIST = 16 * 1024
-READ_CHUNK = 64 * 1024  # a connection's read buffer to start with (it grows for large frames)
+READ_CHUNK = 16 * 1024  # a connection's read buffer to start with (idle ones keep it)
+READ_ROOM = 64 * 1024  # what a busy connection's buffer has room for past the unparsed rest
 MAX_WINDOW = (1 << 31) - 1
 DEFAULT_WINDOW = 65_535
 DEFAULT_FRAME = 16_384
@@ -152,6 +154,16 @@ def _trailers(code: int, details: str, trailing: tuple) -> bytes:
     for key, value in trailing:
         block.append(_literal(key.lower(), value))
     return b"".join(block)
+
+
+def _rate_limit(seen: deque[float], most: int, what: str) -> None:
+    """Note one event; more than `most` in the last second ends the connection."""
+    now = time.monotonic()
+    seen.append(now)
+    while now - seen[0] > 1.0:
+        seen.popleft()
+    if len(seen) > most:
+        raise ConnectionError_(ENHANCE_YOUR_CALM, f"too many {what} a second (over {most})")
 
 
 def _timeout_s(text: str) -> float | None:
@@ -266,6 +278,7 @@ class Connection(asyncio.BufferedProtocol):
         self.blocked: dict[int, tuple[memoryview, bytes]] = {}
         self.parked: dict[int, tuple[memoryview, bytes]] = {}
         self.settings_seen: deque[float] = deque()  # when the last SETTINGS frames came
+        self.resets_seen: deque[float] = deque()  # when the last resets of started calls came
         self.out: list[bytes] = []
         self.flushing = False
         self.draining = False  # GOAWAY sent
@@ -316,7 +329,7 @@ class Connection(asyncio.BufferedProtocol):
         """A new buffer (views of the old one stay valid) that starts with what is unparsed and
         holds the frame in progress and a read more."""
         left = self.rend - self.rstart
-        size = left + READ_CHUNK
+        size = left + READ_ROOM
         if left >= 9 and self.preface:
             size = max(size, 9 + int.from_bytes(self.rbuf[self.rstart : self.rstart + 3]) + 1024)
         new = bytearray(size)
@@ -353,7 +366,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         if pos == end:  # all parsed: the next read starts at the buffer's start again
             pos = self.rend = 0
-            if len(buf) > 16 * READ_CHUNK:  # a large frame is done: give its room back
+            if len(buf) > 16 * READ_ROOM:  # a large frame is done: give its room back
                 self.rbuf = bytearray(READ_CHUNK)
         self.rstart = pos
         self._acknowledge()
@@ -391,6 +404,8 @@ class Connection(asyncio.BufferedProtocol):
                 raise ConnectionError_(PROTOCOL_ERROR, "malformed RST_STREAM")
             call = self.calls.pop(sid, None)
             if call is not None:
+                if call.task is not None:  # its RPC had started: a flood of these costs work
+                    _rate_limit(self.resets_seen, RESETS_PER_S, "calls reset")
                 self._cancel(call)
                 self.server.changed()
                 self._close_if_idle()
@@ -549,12 +564,7 @@ class Connection(asyncio.BufferedProtocol):
             raise ConnectionError_(FRAME_SIZE_ERROR, "malformed SETTINGS")
         if flags & ACK:
             return
-        now, seen = time.monotonic(), self.settings_seen
-        seen.append(now)
-        while now - seen[0] > 1.0:
-            seen.popleft()
-        if len(seen) > SETTINGS_PER_S:
-            raise ConnectionError_(ENHANCE_YOUR_CALM, "too many SETTINGS frames")
+        _rate_limit(self.settings_seen, SETTINGS_PER_S, "SETTINGS frames")
         window = frame = None  # a frame's last value of each counts
         for at in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HI", payload, at)
