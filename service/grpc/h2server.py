@@ -9,8 +9,10 @@ What it speaks (RFC 9113 and gRPC's HTTP/2 mapping), as a server of unary calls 
 - the connection preface, SETTINGS (with ACK), PING (ACK), WINDOW_UPDATE, RST_STREAM (the call
   is cancelled: dropped before compute), GOAWAY both ways, CONTINUATION, padding, PRIORITY
   (ignored); a protocol error ends the connection with GOAWAY and the error's code;
-- flow control both ways: request bytes are acknowledged as they arrive while the connection
-  buffers under `BUFFER_CAP` messages' worth; answers wait for the client's windows;
+- flow control both ways: answers wait for the client's windows; a call may send
+  `STREAM_WINDOW` bytes, and a larger message gets the rest of its window at once while the
+  connection's grants stay within its budget, else as earlier calls finish (`_reserve`); the
+  connection's window is acknowledged as read; DATA past a window is FLOW_CONTROL_ERROR;
 - header blocks decoded by `hpack` (a well-kept HPACK decoder: dynamic table, Huffman); answers
   are encoded as literals without indexing, so the server keeps no encoder state;
 - gRPC framing: one length-prefixed message a call, `grpc-encoding` gzip or deflate in (answers
@@ -18,8 +20,9 @@ What it speaks (RFC 9113 and gRPC's HTTP/2 mapping), as a server of unary calls 
   and trailing metadata in trailers (trailers-only for errors before an answer);
 - limits: messages over `max_body_bytes` are RESOURCE_EXHAUSTED as soon as their length prefix
   is read; `MAX_STREAMS` concurrent calls a connection (more are refused with REFUSED_STREAM,
-  which clients retry); the preface must come within `header_timeout_s` and a call's message
-  within `body_timeout_s` (DEADLINE_EXCEEDED, then RST_STREAM);
+  which clients retry); SETTINGS and reset floods end the connection (ENHANCE_YOUR_CALM); the
+  preface must come within `header_timeout_s` and a call's message within `body_timeout_s`
+  (DEADLINE_EXCEEDED, then RST_STREAM);
 - TLS with ALPN `h2` (the HTTP server's certificate), SO_REUSEPORT under `--workers`.
 
 The RPCs themselves are `GRPCInferenceService`'s: each is a coroutine `(request, context)`, and
