@@ -168,3 +168,15 @@ def foreign_server(
     """One real server over `foreign_repository`."""
     with run_server(foreign_repository, tmp_path_factory.mktemp("foreign-server")) as s:
         yield s
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A fresh self-signed certificate for localhost and 127.0.0.1 (openssl): (cert, key)."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key

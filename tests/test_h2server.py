@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -18,6 +17,7 @@ from hpack import Decoder, Encoder
 from service.config import Settings
 from service.grpc import h2server
 from service.grpc import messages as pb
+from tests.conftest import self_signed_certificate
 
 pytestmark = pytest.mark.unit
 ECHO, SLOW, FAIL = (pb.method_path(m) for m in ("ModelInfer", "ServerLive", "ServerReady"))
@@ -186,13 +186,7 @@ async def test_shutdown_finishes_open_calls_and_refuses_new_ones():
 
 
 async def test_tls_with_alpn_h2(tmp_path: Path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_certificate(tmp_path)
     service = Service()
     server, port = await serve(service, h2server.tls_context(str(cert), str(key)))
     credentials = grpc.ssl_channel_credentials(cert.read_bytes())

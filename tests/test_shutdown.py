@@ -8,7 +8,6 @@ import asyncio
 import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -20,7 +19,7 @@ import pytest
 import uvloop
 
 from service.httpserver import AcceptAll
-from tests.conftest import run_server
+from tests.conftest import run_server, self_signed_certificate
 
 e2e, unit = pytest.mark.e2e, pytest.mark.unit
 
@@ -149,13 +148,7 @@ class _Recorder(asyncio.Protocol):
 
 def _tls_pair(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """A server context with a fresh self-signed certificate, and a client context trusting it."""
-    key, cert = tmp / "key.pem", tmp / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_certificate(tmp)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
     client = ssl.create_default_context(cafile=str(cert))
