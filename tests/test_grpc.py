@@ -453,5 +453,45 @@ def test_grpcios_server_stays_selectable(repository, tmp_path):
         np.testing.assert_allclose(got, reference(repository, "cnn", x)["probabilities"],
                                    atol=1e-6)  # fmt: skip
         fails_with(StatusCode.NOT_FOUND, c.infer, "nope", [infer_input("image", x, "FP32")])
+        assert health(s.grpc) == pb.HealthCheckResponse.SERVING
         c.close()
     assert "grpcio server" in s.log.read_text()
+
+
+def health(target: str, service: str = "") -> int:
+    """grpc.health.v1's Check, as Kubernetes' gRPC probes call it: the status number."""
+    with grpc.insecure_channel(target) as channel:
+        check = channel.unary_unary(
+            pb.method_path("Check", pb.HEALTH),
+            request_serializer=pb.HealthCheckRequest.SerializeToString,
+            response_deserializer=pb.HealthCheckResponse.FromString,
+        )
+        return check(pb.HealthCheckRequest(service=service)).status
+
+
+def test_the_standard_health_check_follows_readiness(guarded):
+    server, c = guarded
+    serving, not_serving = pb.HealthCheckResponse.SERVING, pb.HealthCheckResponse.NOT_SERVING
+    assert health(server.grpc) == health(server.grpc, pb.SERVICE) == serving  # no key needed
+    with pytest.raises(grpc.RpcError) as info:
+        health(server.grpc, "some.Other")
+    assert info.value.code() == StatusCode.NOT_FOUND
+    c.unload_model("cnn", headers=bearer("admin"))
+    try:
+        ready = c.is_server_ready()
+        assert health(server.grpc) == (serving if ready else not_serving)
+    finally:
+        c.load_model("cnn", headers=bearer("admin"))
+    assert health(server.grpc) == serving
+
+
+async def test_the_health_check_is_not_serving_while_a_model_is_not_ready():
+    from types import SimpleNamespace
+
+    from service.grpc.inference import GRPCInferenceService
+
+    for ready, status in ((False, pb.HealthCheckResponse.NOT_SERVING),
+                          (True, pb.HealthCheckResponse.SERVING)):  # fmt: skip
+        dataplane = SimpleNamespace(repository=SimpleNamespace(all_ready=lambda r=ready: r))
+        service = GRPCInferenceService(dataplane, guard=None)  # type: ignore[arg-type]
+        assert (await service.health_check(pb.HealthCheckRequest(), None)).status == status

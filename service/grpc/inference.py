@@ -8,8 +8,9 @@ batcher, limits, metrics and statistics are REST's. Keys come from the `authoriz
 `admin`, the rest `read`. A call's deadline caps its time in the queue; a call the client cancels
 is dropped before compute (its task is cancelled: the batcher drops what has not joined a
 batch). Answers carry REST's Server-Timing as `server-timing` trailing metadata. Errors map to
-gRPC codes in `service.grpc.status`. The streaming, shared-memory, trace and log RPCs are not
-offered (UNIMPLEMENTED).
+gRPC codes in `service.grpc.status`. gRPC's standard health check (`grpc.health.v1.Health/
+Check`, what Kubernetes' gRPC probes call) answers as ServerReady. The streaming, shared-memory,
+trace and log RPCs are not offered (UNIMPLEMENTED).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from service.api import (
     stats_of,
 )
 from service.dataplane import OFFLOAD_BYTES, DataPlane, as_serve_error, server_timing
-from service.errors import BadRequest, Cancelled, Unavailable
+from service.errors import BadRequest, Cancelled, NotFound, Unavailable
 from service.grpc import messages as pb
 from service.grpc.status import status_of
 from service.grpc.tensors import decode_request, encode_response, wants_raw
@@ -83,8 +84,8 @@ class GRPCInferenceService:
         self.follower = follower  # with --workers: the other workers' state (as REST's routes)
 
     def rpcs(self) -> dict[str, tuple[Handler, Any, Any]]:
-        """Every RPC offered: its coroutine (behind the key check of the scope it needs), its
-        request class and its response class."""
+        """Every RPC offered, by HTTP/2 path: its coroutine (behind the key check of the scope
+        it needs), its request class and its response class."""
         table: dict[str, tuple[Handler, str | None, Any, Any]] = {
             "ServerLive": (self.server_live, None, pb.ServerLiveRequest, pb.ServerLiveResponse),
             "ServerReady": (self.server_ready, None, pb.ServerReadyRequest, pb.ServerReadyResponse),
@@ -116,30 +117,33 @@ class GRPCInferenceService:
                 pb.RepositoryModelUnloadResponse,
             ),
         }  # fmt: skip
+        paths = {pb.method_path(rpc): entry for rpc, entry in table.items()}
+        paths[pb.method_path("Check", pb.HEALTH)] = (
+            self.health_check,
+            None,
+            pb.HealthCheckRequest,
+            pb.HealthCheckResponse,
+        )
         return {
-            rpc: (self._guarded(rpc, method, scope), request, response)
-            for rpc, (method, scope, request, response) in table.items()
+            path: (self._guarded(path.rsplit("/", 1)[1], method, scope), request, response)
+            for path, (method, scope, request, response) in paths.items()
         }
 
     def methods(self) -> dict[str, tuple[Handler, Any]]:
         """The RPCs by HTTP/2 path, with their request class: what `h2server` serves."""
-        return {
-            pb.method_path(rpc): (call, request) for rpc, (call, request, _) in self.rpcs().items()
-        }
+        return {path: (call, request) for path, (call, request, _) in self.rpcs().items()}
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        """grpcio's generic handler of the same RPCs."""
-        return grpc.method_handlers_generic_handler(
-            pb.SERVICE,
-            {
-                rpc: grpc.unary_unary_rpc_method_handler(
-                    call,
-                    request_deserializer=request.FromString,
-                    response_serializer=response.SerializeToString,
-                )
-                for rpc, (call, request, response) in self.rpcs().items()
-            },
-        )
+    def handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
+        """grpcio's generic handlers of the same RPCs, one per service."""
+        services: dict[str, dict[str, Any]] = {}
+        for path, (call, request, response) in self.rpcs().items():
+            service, rpc = path.strip("/").split("/")
+            services.setdefault(service, {})[rpc] = grpc.unary_unary_rpc_method_handler(
+                call,
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
+        return tuple(grpc.method_handlers_generic_handler(s, m) for s, m in services.items())
 
     def _guarded(self, rpc: str, method: Handler, scope: str | None) -> Handler:
         """`method` behind the key check, its errors answered as gRPC statuses."""
@@ -171,6 +175,15 @@ class GRPCInferenceService:
     # -- health and metadata --------------------------------------------------------------
     async def server_live(self, request: Any, context: Context) -> Any:
         return pb.ServerLiveResponse(live=True)
+
+    async def health_check(self, request: Any, context: Context) -> Any:
+        """gRPC's standard health check: SERVING when the server is ready (as ServerReady), for
+        the server as a whole ("") or the inference service; another service is NOT_FOUND."""
+        if request.service not in ("", pb.SERVICE):
+            raise NotFound(f"unknown service '{request.service}' (health: '' or {pb.SERVICE})")
+        ready = (await self.server_ready(request, context)).ready
+        status = pb.HealthCheckResponse.SERVING if ready else pb.HealthCheckResponse.NOT_SERVING
+        return pb.HealthCheckResponse(status=status)
 
     async def server_ready(self, request: Any, context: Context) -> Any:
         follower = self.follower()

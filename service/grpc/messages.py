@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from service.grpc.descriptors import FILES
 
@@ -25,14 +25,41 @@ for _file in FILES:
     POOL.AddSerializedFile(_file)
 
 
-def message(name: str) -> Any:
-    """The message class `inference.<name>` (nested types are attributes of it)."""
-    return message_factory.GetMessageClass(POOL.FindMessageTypeByName(f"{PACKAGE}.{name}"))
+HEALTH = "grpc.health.v1.Health"
 
 
-def method_path(rpc: str) -> str:
+def _health_file() -> bytes:
+    """gRPC's standard health-checking messages (`grpc.health.v1`, what Kubernetes' gRPC probes
+    and grpc_health_probe call), described here field for field: two messages do not warrant a
+    vendored file and protoc."""
+    d = descriptor_pb2
+    f = d.FileDescriptorProto(name="onnxserve/grpc_health.proto", package="grpc.health.v1",
+                              syntax="proto3")  # fmt: skip
+    optional = d.FieldDescriptorProto.LABEL_OPTIONAL
+    request = f.message_type.add(name="HealthCheckRequest")
+    request.field.add(name="service", number=1, label=optional,
+                      type=d.FieldDescriptorProto.TYPE_STRING)  # fmt: skip
+    response = f.message_type.add(name="HealthCheckResponse")
+    status = response.enum_type.add(name="ServingStatus")
+    for number, name in enumerate(("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")):
+        status.value.add(name=name, number=number)
+    response.field.add(name="status", number=1, label=optional,
+                       type=d.FieldDescriptorProto.TYPE_ENUM,
+                       type_name=".grpc.health.v1.HealthCheckResponse.ServingStatus")  # fmt: skip
+    return f.SerializeToString()
+
+
+POOL.AddSerializedFile(_health_file())
+
+
+def message(name: str, package: str = PACKAGE) -> Any:
+    """The message class `<package>.<name>` (nested types are attributes of it)."""
+    return message_factory.GetMessageClass(POOL.FindMessageTypeByName(f"{package}.{name}"))
+
+
+def method_path(rpc: str, service: str = SERVICE) -> str:
     """The HTTP/2 path of one RPC, e.g. `/inference.GRPCInferenceService/ModelInfer`."""
-    return f"/{SERVICE}/{rpc}"
+    return f"/{service}/{rpc}"
 
 
 ServerLiveRequest = message("ServerLiveRequest")
@@ -59,3 +86,5 @@ RepositoryModelLoadRequest = message("RepositoryModelLoadRequest")
 RepositoryModelLoadResponse = message("RepositoryModelLoadResponse")
 RepositoryModelUnloadRequest = message("RepositoryModelUnloadRequest")
 RepositoryModelUnloadResponse = message("RepositoryModelUnloadResponse")
+HealthCheckRequest = message("HealthCheckRequest", "grpc.health.v1")
+HealthCheckResponse = message("HealthCheckResponse", "grpc.health.v1")

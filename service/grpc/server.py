@@ -79,7 +79,7 @@ async def _native(settings: Settings, service: GRPCInferenceService) -> h2server
 
 async def _grpcio(settings: Settings, service: GRPCInferenceService, where: str) -> grpc.aio.Server:
     server = grpc.aio.server(options=options(settings))
-    server.add_generic_rpc_handlers((service.handler(),))
+    server.add_generic_rpc_handlers(service.handlers())
     if settings.ssl_certfile and settings.ssl_keyfile:
         pair = (settings.ssl_keyfile.read_bytes(), settings.ssl_certfile.read_bytes())
         server.add_secure_port(where, grpc.ssl_server_credentials([pair]))
