@@ -153,3 +153,24 @@ def test_json_bodies_have_their_own_limit_and_binary_goes_further(repository, tm
         body, n = encode_request({"image": x}, binary=True)
         r = httpx.post(url, content=body, headers={"Inference-Header-Content-Length": str(n)})
         assert r.status_code == 200
+
+
+@pytest.mark.parametrize("size", [784, 2000, 2001, 25088])
+def test_non_finite_values_are_found_wherever_they_are(size):
+    """Small inputs are checked in pieces that keep the GIL (see validation.GIL_KEPT_ELEMENTS):
+    a bad value is found in any piece, at its edges too."""
+    from service.errors import BadRequest
+    from service.model_config import ModelConfig
+    from service.validation import check_finite
+
+    config = ModelConfig.model_validate(
+        {"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
+         "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}]}
+    )  # fmt: skip
+    check_finite(config, {"x": np.zeros(size, np.float32)})
+    for at in sorted({0, 499, 500, 999, 1000, size // 2, size - 1} & set(range(size))):
+        for bad in (np.nan, np.inf, -np.inf):
+            x = np.zeros(size, np.float32)
+            x[at] = bad
+            with pytest.raises(BadRequest, match=rf"at index \[{at}\]"):
+                check_finite(config, {"x": x})
