@@ -7,7 +7,8 @@ generated `_pb2` modules or tritonclient's: both register the names `inference.*
 process-wide default pool, where two different copies clash ("duplicate symbol") - so the server
 would need the client library, and a process holding tritonclient (our tests, a user's app,
 Locust) could not also import ours. Loaded into a pool of our own, the two never meet, and the
-descriptors, unlike generated code, carry no protobuf runtime version check.
+descriptors, unlike generated code, carry no protobuf runtime version check. The same pool
+holds gRPC's standard health-check messages (`grpc.health.v1`), described in code below.
 """
 
 from __future__ import annotations
