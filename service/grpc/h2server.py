@@ -541,16 +541,22 @@ class Connection(asyncio.BufferedProtocol):
         """A message larger than the first window gets the rest of its window at once, if the
         connection's budget (a few largest messages) allows, else when earlier ones are done:
         what a connection buffers stays bounded and the calls that have their window finish."""
+        if not self._grant(call):
+            self.waiting.append(call)
+
+    def _grant(self, call: Call) -> bool:
+        """Grant `call` the window its message still needs, if the budget allows (or it needs
+        none); False leaves it waiting."""
         extra = call.expect - len(call.body) - call.recv_window
         if extra <= 0:
-            return
+            return True
         if self.reserved and self.reserved + extra > self.server.budget:
-            self.waiting.append(call)
-            return
+            return False
         self.reserved += extra
         call.reserved = extra
         call.recv_window += extra
         self.send(_frame(WINDOW_UPDATE, 0, call.sid, extra.to_bytes(4)))
+        return True
 
     @staticmethod
     def _unpad(flags: int, payload: memoryview) -> memoryview:
@@ -624,14 +630,9 @@ class Connection(asyncio.BufferedProtocol):
             call.reserved = 0
             while self.waiting and not self.closed:
                 first = self.waiting[0]
-                extra = first.expect - len(first.body) - first.recv_window
-                if first.done or first.task is not None or extra <= 0:
-                    self.waiting.popleft()
-                elif self.reserved and self.reserved + extra > self.server.budget:
+                if not (first.done or first.task is not None or self._grant(first)):
                     break
-                else:
-                    self.waiting.popleft()
-                    self._reserve(first)
+                self.waiting.popleft()
 
     def _dispatch(self, call: Call, body: Buffer) -> None:
         """The client's half is complete (`body`): decode its message and start its RPC."""
@@ -869,10 +870,11 @@ class H2Server:
         self.connections: set[Connection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._idle = asyncio.Event()
+        self._closing = False  # `changed` looks at the connections only while shutting down
 
     def changed(self) -> None:
-        """A call or connection ended: wake `wait` when nothing is left."""
-        if not any(c.calls for c in self.connections):
+        """A call or connection ended: during shutdown, wake `wait` when nothing is left."""
+        if self._closing and not any(c.calls for c in self.connections):
             self._idle.set()
 
     async def listen(
@@ -890,6 +892,7 @@ class H2Server:
 
     def close(self) -> None:
         """Stop listening; GOAWAY to every connection (calls already opened go on)."""
+        self._closing = True
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
