@@ -109,19 +109,55 @@ class LaneCycle:
         return self.disconnected
 
 
+class Outbox:
+    """The direct lane's answers, written at the end of the loop's turn, back to back.
+
+    A batch's answers are made one callback after another, each with Python work between its
+    write and the next. Written as each is made, every write wakes the client afresh, and the
+    waking is paid in the writer's syscall: on loopback, where the kernel delivers in the
+    sender's call, and in VMs, where waking another idle CPU is dear. Back to back, one wake-up
+    serves many. Measured at 64 connections (docs/performance.md): 35-44 µs a write, against 17
+    µs in a row."""
+
+    __slots__ = ("_loop", "_waiting")
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: list[OneWrite] = []
+
+    def add(self, writer: OneWrite) -> None:
+        """Send `writer`'s pending answer at the end of this turn."""
+        if not self._waiting:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
+        self._waiting.append(writer)
+
+    def flush(self) -> None:
+        """Send every pending answer."""
+        waiting, self._waiting = self._waiting, []
+        for writer in waiting:
+            writer.send_pending()
+
+
 class OneWrite:
     """A transport that sends a response's status line and headers in the same socket write as
     its body (uvicorn writes them separately: two syscalls per response). The head is held until
-    the next write, the end of the response, or close; interim `100 Continue` goes at once."""
+    the next write, the end of the response, or close; interim `100 Continue` goes at once.
+    Whole answers (the direct lane's) wait in the outbox until the end of the loop's turn; any
+    other write or close sends them first, so a connection's bytes keep their order."""
 
-    __slots__ = ("_transport", "_held", "retry_after")
+    __slots__ = ("_transport", "_outbox", "_held", "_pending", "retry_after")
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, outbox: Outbox) -> None:
         self._transport = transport
+        self._outbox = outbox
         self._held: bytes | None = None
+        self._pending: bytes | None = None  # whole answers waiting in the outbox
         self.retry_after = 0.0  # a 503's Retry-After seconds, for the protocol to enforce
 
     def write(self, data: bytes) -> None:
+        self.send_pending()
         if self._held is not None:
             held, self._held = self._held, None
             self._transport.writelines((held, data))
@@ -133,16 +169,29 @@ class OneWrite:
             self._transport.write(data)
 
     def write_whole(self, response: bytes) -> None:
-        """A whole response (the direct lane's) in one write."""
-        self._transport.write(response)
+        """A whole response (the direct lane's), sent with this turn's others."""
+        if self._pending is None:
+            self._pending = response
+            self._outbox.add(self)
+        else:  # pipelined: answered in the same turn
+            self._pending += response
+
+    def send_pending(self) -> None:
+        """Send the whole answers waiting in the outbox, if any."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            if not self._transport.is_closing():
+                self._transport.write(pending)
 
     def flush(self) -> None:
         if self._held is not None:
+            self.send_pending()
             held, self._held = self._held, None
             if not self._transport.is_closing():
                 self._transport.write(held)
 
     def close(self) -> None:
+        self.send_pending()
         self.flush()
         self._transport.close()
 
@@ -158,6 +207,7 @@ class GuardedProtocol(HttpToolsProtocol):
     body_timeout_s = 60.0
     drain_s = 0.5
     lane: DirectLane | None = None
+    outbox: Outbox = Outbox()  # one per server: `protocol_class` gives each its own
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -193,7 +243,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     # -- timers around uvicorn's parser callbacks ------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(OneWrite(transport))  # type: ignore[arg-type]
+        super().connection_made(OneWrite(transport, self.outbox))  # type: ignore[arg-type]
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
         self._arm(self.header_timeout_s, "headers")
@@ -446,6 +496,7 @@ def protocol_class(settings: Settings, lane: DirectLane | None = None) -> type[G
             "body_timeout_s": settings.body_timeout_s,
             "drain_s": settings.drain_s,
             "lane": lane,
+            "outbox": Outbox(),
         },
     )
 

@@ -107,6 +107,35 @@ def test_pipelined_requests_are_answered_in_order(server, repository):
                                        atol=1e-6)  # fmt: skip
 
 
+def test_answers_keep_their_order_across_the_lane_the_app_and_a_closing_request(server):
+    """Lane answers wait for the end of the loop's turn (the outbox): a refusal, an answer from
+    the ASGI app and a last request that closes the connection, all sent in one write, still
+    come back in order, and a closing request's answer is sent whole before the close."""
+    first, _ = _cnn_request("first", 3)
+    last, _ = _cnn_request("last", 4)
+    ready = b"GET /v2/health/ready HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    closing = _head("/v2/models/cnn/infer", len(last), "Connection: close") + last
+    wire = _post("/v2/models/cnn/infer", first) + _post("/v2/models/nope/infer", b"{}")
+    with _connect(server.url) as sock:
+        sock.sendall(wire + ready + closing)
+        reader = Reader(sock)
+        status, _, answer = reader.response()
+        assert status == 200 and orjson.loads(answer)["id"] == "first"
+        status, _, error = reader.response()
+        assert status == 404 and "nope" in orjson.loads(error)["error"]
+        status, _, health = reader.response()
+        assert status == 200 and orjson.loads(health)["ready"] is True
+        status, headers, answer = reader.response()
+        assert status == 200 and orjson.loads(answer)["id"] == "last"
+        assert headers["connection"] == "close"
+        assert sock.recv(1) == b""  # and then the server closed it
+    with _connect(server.url) as sock:  # alone, the closing request is the lane's own
+        sock.sendall(closing)
+        status, headers, answer = Reader(sock).response()
+        assert status == 200 and orjson.loads(answer)["id"] == "last"
+        assert headers["connection"] == "close" and sock.recv(1) == b""
+
+
 def test_interim_100_continue_then_the_answer_and_a_refusal_without_it(server):
     body, _ = _cnn_request("continued", 1)
     with _connect(server.url) as sock:
