@@ -457,3 +457,44 @@ def test_stage_split_takes_the_innermost_stage_frame_and_the_thread():
         LOOP: 6,
         WORKER: 7,
     }
+
+
+def test_layers_split_requests_off_a_stream():
+    from loadtests.bench.layers import split_request
+
+    one = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+    assert split_request(one[:10]) is None  # the head is not in yet
+    assert split_request(one[:-1]) is None  # nor the whole body
+    head, body, rest = split_request(one + b"GET / HTTP/1.1\r\n\r\n")
+    assert head.startswith(b"POST /x") and head.endswith(b"\r\n") and body == b"abc"
+    assert split_request(rest) == (b"GET / HTTP/1.1\r\n", b"", b"")
+
+
+def test_layers_bare_protocol_answers_pipelined_requests_in_order():
+    import asyncio
+
+    from loadtests.bench.layers import FIXED_ANSWER, BareProtocol
+
+    async def scenario() -> bytes:
+        seen: list[bytes] = []
+
+        def answer(transport, head, body):
+            seen.append(body)
+            transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: BareProtocol(answer), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        post = b"POST /v2/models/cnn/infer HTTP/1.1\r\ncontent-length: 2\r\n\r\n"
+        writer.write(post + b"p1" + b"GET /v2/health/ready HTTP/1.1\r\n\r\n" + post[:20])
+        writer.write(post[20:] + b"p2")  # the third request split across two writes
+        want = 2 * len(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\np1") + len(FIXED_ANSWER)
+        data = await asyncio.wait_for(reader.readexactly(want), 10)
+        writer.close()
+        server.close()
+        assert seen == [b"p1", b"p2"]
+        return data
+
+    data = asyncio.run(scenario())
+    assert data.index(b"p1") < data.index(FIXED_ANSWER) < data.index(b"p2")
