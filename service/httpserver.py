@@ -382,8 +382,9 @@ class GuardedProtocol(HttpToolsProtocol):
             return error_answer(ServeError("internal server error"))
 
     def _lane_respond(self, cycle: LaneCycle, answer: Answer) -> None:
-        """Write a lane request's answer in one write, then carry on as uvicorn does after a
-        response (keep-alive timer, pipelined requests, Retry-After hold-off)."""
+        """Send a lane request's answer (in one write, with this turn's others: `Outbox`), then
+        carry on as uvicorn does after a response (keep-alive timer, pipelined requests,
+        Retry-After hold-off)."""
         if cycle.response_complete:
             return
         cycle.response_started = cycle.response_complete = True
