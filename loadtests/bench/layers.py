@@ -199,8 +199,8 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line (`serve LAYER PORT` starts one bare layer: used by `measure`)."""
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line."""
     p = argparse.ArgumentParser(prog="python -m loadtests.bench.layers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
@@ -210,22 +210,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--layers", default=",".join(LAYERS), help="comma-separated, in order")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "layers.json")
-    p.add_argument("--model", default="cnn", help=argparse.SUPPRESS)
-    p.add_argument("command", nargs="*", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Serve one bare layer, or measure every layer, alternating, and write JSON and a table."""
-    args = parse_args(argv)
-    if args.command:
-        if len(args.command) != 3 or args.command[0] != "serve" or args.command[1] == "onnxserve":
-            raise SystemExit("usage: python -m loadtests.bench.layers serve LAYER PORT")
-        layer, port = args.command[1], int(args.command[2])
-        import uvloop
+def serve_main(argv: list[str]) -> int:
+    """`serve LAYER PORT`: one of the bare layers, until killed (started by `measure`)."""
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench.layers serve")
+    p.add_argument("layer", choices=[layer for layer in LAYERS if layer != "onnxserve"])
+    p.add_argument("port", type=int)
+    p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    p.add_argument("--model", default="cnn")
+    args = p.parse_args(argv)
+    import uvloop
 
-        uvloop.run(_serve(layer, port, args.repository, args.model))
-        return 0
+    uvloop.run(_serve(args.layer, args.port, args.repository, args.model))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure every layer, alternating, and write JSON and a table (or `serve` one layer)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
+    args = parse_args(argv)
     ensure_wrk()
     layers = [layer for layer in args.layers.split(",") if layer]
     unknown = set(layers) - set(LAYERS)
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {k + 1} {layer}: {r['rps']:,.0f} req/s, "
                       f"{r['cpu_us_per_request']} µs CPU/request", file=sys.stderr)  # fmt: skip
     results = {
-        "command": " ".join(["python -m loadtests.bench.layers", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m loadtests.bench.layers", *argv]),
         "protocol": args.protocol,
         "conns": args.conns,
         "layers": {layer: combine(rs) for layer, rs in rounds.items()},
