@@ -158,11 +158,15 @@ v2 path, orjson in and out, one ONNX Runtime call per request, no batching
 .venv/bin/python -m loadtests.bench               # full run, ~8 min; writes this page
 .venv/bin/python -m loadtests.bench --quick       # smoke run, 2 s cells, ~3 min
 .venv/bin/python -m loadtests.bench --render runs/bench/results.json --docs docs/benchmarks.md
+.venv/bin/python -m loadtests.bench.layers        # CPU a request, layer by layer, ~3 min
+.venv/bin/python -m loadtests.bench.stages        # CPU a request by stage (py-spy), per tree
 ```
 
-It needs `wrk` (installed with apt when missing and run as root) and the model repository
-(`make build`). Results go to `--out` (default `runs/bench`): `results.json`, `results.md`, the
-request bodies, and each process's log.
+The last two explain a figure rather than set one (docs/performance.md).
+
+The benchmark needs `wrk` (installed with apt when missing and run as root) and the model
+repository (`make build`). Results go to `--out` (default `runs/bench`): `results.json`,
+`results.md`, the request bodies, and each process's log.
 
 ## Method
 
