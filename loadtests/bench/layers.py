@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -38,6 +37,7 @@ from loadtests.bench.cells import CellSpec
 from loadtests.bench.cpu import process_ticks
 from loadtests.bench.measure import write_manifest
 from loadtests.bench.models import load_model_info
+from loadtests.bench.stages import write_results
 from loadtests.bench.wrk import ensure_wrk, parse_wrk_output, run_wrk
 from loadtests.serverproc import ROOT, free_port, serve_command, serving
 
@@ -256,11 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "conns": args.conns,
         "layers": {layer: combine(rs) for layer, rs in rounds.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    table = render(results)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_results(args.out, results, render(results))
     return 0
 
 

@@ -217,12 +217,16 @@ def main(argv: list[str] | None = None) -> int:
             for label, rs in rounds.items()
         },  # fmt: skip
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    table = render(results)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_results(args.out, results, render(results))
     return 0
+
+
+def write_results(out: Path, results: dict[str, Any], table: str) -> None:
+    """The results as JSON at `out` and their markdown table beside it (printed too)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":
