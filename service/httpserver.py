@@ -192,6 +192,9 @@ class OneWrite:
         self.flush()
         self._transport.close()
 
+    def is_closing(self) -> bool:  # asked twice a request: not through __getattr__
+        return self._transport.is_closing()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
