@@ -136,6 +136,27 @@ def test_answers_keep_their_order_across_the_lane_the_app_and_a_closing_request(
         assert headers["connection"] == "close" and sock.recv(1) == b""
 
 
+def test_keep_alive_closes_an_idle_connection_but_not_a_busy_one(repository, tmp_path):
+    """One keep-alive timer serves all of a connection's requests: a connection that sends a
+    request every 0.4 s for longer than the 1 s timeout stays open, and once left idle it is
+    closed about a timeout after its last answer."""
+    body, _ = _cnn_request("kept", 5)
+    with (
+        run_server(repository, tmp_path, "--keep-alive-timeout-s", "1") as srv,
+        _connect(srv.url) as sock,
+    ):
+        reader = Reader(sock)
+        for _ in range(6):  # 2.4 s of requests
+            sock.sendall(_post("/v2/models/cnn/infer", body))
+            status, headers, answer = reader.response()
+            assert status == 200 and orjson.loads(answer)["id"] == "kept"
+            assert headers.get("connection") != "close"
+            time.sleep(0.4)
+        start = time.monotonic()
+        assert sock.recv(1) == b""  # closed by the server
+        assert time.monotonic() - start < 2.0
+
+
 def test_interim_100_continue_then_the_answer_and_a_refusal_without_it(server):
     body, _ = _cnn_request("continued", 1)
     with _connect(server.url) as sock:
