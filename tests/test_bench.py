@@ -498,3 +498,23 @@ def test_layers_bare_protocol_answers_pipelined_requests_in_order():
 
     data = asyncio.run(scenario())
     assert data.index(b"p1") < data.index(FIXED_ANSWER) < data.index(b"p2")
+
+
+def test_rounds_report_each_cells_median_round_and_keep_every_rounds_rps():
+    from loadtests.bench.cells import median_rounds
+
+    def cell(label: str, rps: float, error: str | None = None) -> dict:
+        return {"label": label, "rps": rps, "error": error, "p50": rps / 10}
+
+    rounds = [
+        [cell("a", 100), cell("b", 7)],
+        [cell("a", 300), cell("b", 9, "refused")],
+        [cell("a", 200), cell("b", 8)],
+    ]
+    a, b = median_rounds(rounds)
+    assert a["rps"] == 200 and a["p50"] == 20 and a["rps_rounds"] == [100, 300, 200]
+    assert b["error"] == "refused" and b["rps_rounds"] == [7, 9, 8]  # a failure is not hidden
+    even = median_rounds([[cell("a", 100)], [cell("a", 300)]])
+    assert even[0]["rps"] == 100  # the lower of the middle two
+    with pytest.raises(ValueError):
+        median_rounds([[cell("a", 1)], [cell("a", 2), cell("b", 3)]])  # rounds of one plan

@@ -81,3 +81,18 @@ def server_command(server: str, batching: str, repository: Path, threads: int) -
         baseline = [sys.executable, "-m", "loadtests.baselines.fastapi_baseline"]
         return [*baseline, "--repository", str(repository), *common]
     return serve_command(repository, *common, *(["--no-batching"] if batching == "off" else []))
+
+
+def median_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each cell's median round, from rounds of the whole plan (in plan order): the round whose
+    requests/s is the median (the lower one of the middle two), with every round's requests/s in
+    run order (`rps_rounds`). A cell that failed in any round is reported from its first failure."""
+    cells = []
+    for measured in zip(*rounds, strict=True):
+        failed = [c for c in measured if c.get("error")]
+        if failed:
+            chosen = failed[0]
+        else:
+            chosen = sorted(measured, key=lambda c: c["rps"])[(len(measured) - 1) // 2]
+        cells.append({**chosen, "rps_rounds": [c.get("rps") for c in measured]})
+    return cells

@@ -27,7 +27,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadtests.bench.cells import MODELS, SERVERS, display_order, plan, server_command
+from loadtests.bench.cells import (
+    MODELS,
+    SERVERS,
+    display_order,
+    median_rounds,
+    plan,
+    server_command,
+)
 from loadtests.bench.cpu import parse_cpu_list
 from loadtests.bench.inprocess import inprocess_worker, run_inprocess
 from loadtests.bench.machine import load_average, machine_info
@@ -54,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--seconds", type=int, help="measured seconds per cell (default 8; quick 2)")
     p.add_argument("--warmup", type=int, help="warm-up seconds per cell (default 2; quick 1)")
+    p.add_argument("--rounds", type=int, default=1, help="passes over every cell; each cell "
+                   "reports its median round (default 1)")  # fmt: skip
     p.add_argument("--server-cpus", default="0", help="taskset list for the server (default 0)")
     p.add_argument("--wrk-cpus", default="1", help="taskset list for wrk (default 1)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: server CPU count)")
@@ -72,13 +81,14 @@ def _docs_path(args: argparse.Namespace, quick: bool) -> Path | None:
     return args.docs or (None if quick else DOCS)
 
 
-def _progress(i: int, n: int, cell: dict[str, Any]) -> str:
+def _progress(i: int, n: int, cell: dict[str, Any], round_: int = 0, rounds: int = 1) -> str:
+    at = f"[{i}/{n}]" if rounds <= 1 else f"[round {round_ + 1}/{rounds}, {i}/{n}]"
     if cell.get("error"):
-        return f"[{i}/{n}] {cell['label']}: ERROR {cell['error'][:200]}"
+        return f"{at} {cell['label']}: ERROR {cell['error'][:200]}"
     lat = cell["latency_us"]
     batch = cell.get("mean_batch_size")
     return (
-        f"[{i}/{n}] {cell['label']}: {cell['rps']:,.0f} req/s, p50 {lat['p50'] / 1000:.2f} ms, "
+        f"{at} {cell['label']}: {cell['rps']:,.0f} req/s, p50 {lat['p50'] / 1000:.2f} ms, "
         f"p99 {lat['p99'] / 1000:.2f} ms, failed {cell['failed_requests']}, batch "
         f"{fmt(batch, '.1f')}, cpu server {cell['cpu_pct']['server']:.0f}% "
         f"(others {cell['other_cpu_pct']['server_cpus']:.0f}%{', NOISY' if cell['noisy'] else ''}) "
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     inprocess = run_inprocess(
         models, opts.server_cpus, opts.threads, 0.5 if opts.quick else 2.0, opts.out
     )
-    specs, cells = plan(), []
+    specs, rounds = plan(), []
     with contextlib.ExitStack() as stack:
         servers = {}
         for kind, batching in SERVERS:
@@ -147,10 +157,15 @@ def main(argv: list[str] | None = None) -> int:
             servers[(kind, batching)] = stack.enter_context(
                 start_server(cmd, opts.server_cpus, log, onnxserve, grpc=batching == "on")
             )
-        for spec in specs:
-            cell = run_cell(spec, servers[(spec.server, spec.batching)], models[spec.model], opts)
-            cells.append(cell)
-            print(_progress(len(cells), len(specs), cell), flush=True)
+        for k in range(max(1, args.rounds)):
+            measured: list[dict[str, Any]] = []
+            for spec in specs:
+                server = servers[(spec.server, spec.batching)]
+                measured.append(run_cell(spec, server, models[spec.model], opts))
+                print(_progress(len(measured), len(specs), measured[-1], k, args.rounds),
+                      flush=True)  # fmt: skip
+            rounds.append(measured)
+    cells = median_rounds(rounds)
     cells.sort(key=display_order)
 
     attach_comparisons(cells, inprocess)
@@ -165,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": opts.quick,
             "seconds": opts.seconds,
             "warmup": opts.warmup,
+            "rounds": max(1, args.rounds),
             "server_cpus": opts.server_cpus,
             "wrk_cpus": opts.wrk_cpus,
             "threads": opts.threads,

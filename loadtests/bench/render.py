@@ -43,7 +43,8 @@ def render_markdown(results: dict[str, Any], level: int = 1) -> str:
         f"fastapi {pk['fastapi']}, uvicorn {pk['uvicorn']}, {m['wrk']}",
         f"- Pinning: server on CPU {cfg['server_cpus']} ({cfg['threads']} intra-op thread(s)), "
         f"wrk on CPU {cfg['wrk_cpus']} (1 thread); {cfg['seconds']} s per cell after a "
-        f"{cfg['warmup']} s warm-up",
+        f"{cfg['warmup']} s warm-up"
+        + (f"; {cfg['rounds']} rounds, each cell its median" if cfg.get("rounds", 1) > 1 else ""),
         f"- Load average (1/5/15 min) at start {results['load_average']['start']}, "
         f"at end {results['load_average']['end']}",
         f"- Repository: `{cfg['repository']}` ({models})",
@@ -157,6 +158,7 @@ v2 path, orjson in and out, one ONNX Runtime call per request, no batching
 ```
 .venv/bin/python -m loadtests.bench               # full run, ~8 min; writes this page
 .venv/bin/python -m loadtests.bench --quick       # smoke run, 2 s cells, ~3 min
+.venv/bin/python -m loadtests.bench --rounds 3    # each cell its median of 3 passes, ~20 min
 .venv/bin/python -m loadtests.bench --render runs/bench/results.json --docs docs/benchmarks.md
 .venv/bin/python -m loadtests.bench.layers        # CPU a request, layer by layer, ~3 min
 .venv/bin/python -m loadtests.bench.stages        # CPU a request by stage (py-spy), per tree
@@ -178,9 +180,12 @@ repository (`make build`). Results go to `--out` (default `runs/bench`): `result
   all idle but the one under load, and the cells that are compared run one after the other
   (baseline, on, off for each model and connection count), so drift in a shared machine's load
   biases the ratios less.
-- Each cell has a warm-up run, then a measured run. Payloads are real held-out samples from the
-  model's `samples.npz`, cycled (16 distinct bodies per cell). Before each cell one request is
-  checked for a 200 answer, so an error path can never be measured as a fast one.
+- Each cell has a warm-up run, then a measured run. With `--rounds N` the whole plan runs N
+  times and each cell reports its median round (by requests/s; `rps_rounds` in the JSON has
+  every round's): on a shared machine one cell can move by a third between rounds.
+- Payloads are real held-out samples from the model's `samples.npz`, cycled (16 distinct bodies
+  per cell). Before each cell one request is checked for a 200 answer, so an error path can never
+  be measured as a fast one.
 - `ONNXSERVE_*` variables in the environment reach the onnxserve servers (and are recorded), e.g.
   `ONNXSERVE_FAST_LANE=false` to measure the FastAPI routes instead of the fast lane.
 - wrk is a closed loop: each connection sends its next request when the last is answered, so its
