@@ -150,7 +150,6 @@ class Batcher:
         self._reserved = 0  # slots held by Reservations
         self._room_waiters: deque[RoomWaiter] = deque()
         self._inlining = self.inline_ns > 0 and self.max_batch_size > 0
-        self._lone_ns: dict[tuple, int] = {}  # batch key -> median of its recent one-row runs
         self._lone_runs: dict[tuple, deque[int]] = {}  # batch key -> its recent one-row runs
         self._last_batch = 0  # requests in the batch launched last
         self._launched_this_turn = False  # a batch started in this turn of the event loop
@@ -381,8 +380,8 @@ class Batcher:
             return False
         if len(batch) != 1 or batch[0].rows != 1:
             return False
-        measured = self._lone_ns.get(batch[0].key)
-        return measured is not None and measured < self.inline_ns
+        runs = self._lone_runs.get(batch[0].key)
+        return runs is not None and sorted(runs)[len(runs) // 2] < self.inline_ns  # the median
 
     def _note_launch(self, requests: int) -> None:
         self._last_batch = requests
@@ -444,12 +443,11 @@ class Batcher:
         self._pump()
 
     def _measure_lone(self, key: tuple, infer_ns: int) -> None:
-        """Note a one-row run's time; its shape's figure is the median of the last few (a few
-        dozen shapes kept)."""
+        """Note a one-row run's time (the last few per shape, for `_inline`'s median; a few dozen
+        shapes kept)."""
         runs = self._lone_runs.get(key)
         if runs is None:
             if len(self._lone_runs) >= MAX_LONE_SHAPES:
                 return
             runs = self._lone_runs[key] = deque(maxlen=LONE_RUNS)
         runs.append(infer_ns)
-        self._lone_ns[key] = sorted(runs)[len(runs) // 2]

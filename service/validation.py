@@ -124,15 +124,12 @@ def check_finite(config: ModelConfig, inputs: dict[str, np.ndarray]) -> None:
     for name, array in inputs.items():
         if array.dtype.kind != "f" or _all_finite(array):
             continue
-        finite = np.isfinite(array)
-        if not finite.all():
-            first = np.unravel_index(int(np.argmin(finite)), array.shape)
-            value = array[first]
-            raise BadRequest(
-                f"input '{name}' holds a non-finite value ({value}) at index "
-                f"{[int(i) for i in first]}; model '{config.name}' takes finite numbers only "
-                "(allow_non_finite: true in its config allows them)"
-            )
+        first = np.unravel_index(int(np.argmin(np.isfinite(array))), array.shape)
+        raise BadRequest(
+            f"input '{name}' holds a non-finite value ({array[first]}) at index "
+            f"{[int(i) for i in first]}; model '{config.name}' takes finite numbers only "
+            "(allow_non_finite: true in its config allows them)"
+        )
 
 
 def validate_inputs(config: ModelConfig, limits: Limits, inputs: dict[str, np.ndarray]) -> int:

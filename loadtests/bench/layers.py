@@ -40,6 +40,7 @@ from loadtests.bench.models import load_model_info
 from loadtests.bench.stages import write_results
 from loadtests.bench.wrk import ensure_wrk, parse_wrk_output, run_wrk
 from loadtests.serverproc import ROOT, free_port, serve_command, serving
+from service.codec import HEADER_LENGTH, decode_request
 
 LAYERS = ("loop", "decode", "dataplane", "onnxserve")
 #: The fixed answer of the `loop` and `decode` layers: a CNN answer's size (~400 bytes).
@@ -52,7 +53,6 @@ FIXED_ANSWER = (
     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
     % len(FIXED_BODY)
 ) + FIXED_BODY
-HEADER_LENGTH = b"inference-header-content-length:"
 
 
 def split_request(buffer: bytes) -> tuple[bytes, bytes, bytes] | None:
@@ -72,10 +72,12 @@ def split_request(buffer: bytes) -> tuple[bytes, bytes, bytes] | None:
 
 
 def _header_length(head: bytes) -> str | None:
-    at = head.lower().find(HEADER_LENGTH)
+    """The request's Inference-Header-Content-Length, if it has one."""
+    name = HEADER_LENGTH.encode() + b":"
+    at = head.lower().find(name)
     if at < 0:
         return None
-    return head[at + len(HEADER_LENGTH) : head.index(b"\r\n", at)].strip().decode()
+    return head[at + len(name) : head.index(b"\r\n", at)].strip().decode()
 
 
 class BareProtocol(asyncio.Protocol):
@@ -106,8 +108,6 @@ def _fixed(transport: asyncio.Transport, head: bytes, body: bytes) -> None:
 
 
 def _decoded(transport: asyncio.Transport, head: bytes, body: bytes) -> None:
-    from service.codec import decode_request
-
     decode_request(body, _header_length(head))
     transport.write(FIXED_ANSWER)
 
@@ -132,7 +132,7 @@ async def _serve(layer: str, port: int, repository: Path, model: str) -> None:
             headers = {"content-type": "application/json"}
             header_length = _header_length(head)
             if header_length is not None:
-                headers["inference-header-content-length"] = header_length
+                headers[HEADER_LENGTH] = header_length
             started = dataplane.begin_v2(model, None, body, headers)
             if not isinstance(started, tuple):  # refused: an Answer
                 transport.write(encode_answer(started, True))
