@@ -10,9 +10,21 @@ that small: the loop is held no longer than one request's parsing holds it). Onl
 else is queued or in flight, the last batch was a lone request too, and no batch started earlier
 in the same turn of the loop: under load, requests that arrive together (one turn's reads) go to
 the thread and merge, and merged batches keep the next ones off the loop, so batching is never
-traded away. Never for a model without a batch axis (its requests' sizes are not known by their
-shape key) and never on a GPU (the caller leaves `inline_ns` at 0: a CUDA session sets up per
-thread).
+traded away.
+
+On a process that may run on one CPU only (`one_cpu_ns`, set by the caller from the process's
+CPU affinity), no thread can run beside the loop, so a worker thread buys no parallelism; its
+hops cost context switches, GIL hand-overs and cold caches (~8 futex calls a batch). There every
+batch expected to run under `one_cpu_ns` (its rows times the median time a row of that shape
+took in its last runs) runs on the loop, at any load. Batches still form: a request queued there
+is dispatched at the end of the loop's turn, with every other that turn's reads queued, and
+after a batch the next is dispatched only once the finished batch's answers have gone out (two
+turns: their callbacks, then the transports' end-of-turn writes), so the loop reads and answers
+between batches.
+
+Neither rule applies to a model without a batch axis (its requests' sizes are not known by their
+shape key) or on a GPU (the caller leaves `inline_ns` and `one_cpu_ns` at 0: a CUDA session sets
+up per thread).
 
 Dispatch rule: a batch leaves as soon as an instance is free and either nothing else is in flight
 (an idle batcher runs a lone request at once), `max_batch_size` rows are waiting, or the oldest
@@ -43,8 +55,8 @@ ONLINE, BACKGROUND = 0, 1
 #: A deadline passed by less than this is not "late": a request given a tiny timeout that is
 #: dispatched in its own `submit` runs (it never waited).
 LATE_S = 0.001
-MAX_LONE_SHAPES = 64
-LONE_RUNS = 9  # one-row runs a shape's median is taken over
+MAX_SHAPES = 64
+RECENT_RUNS = 9  # runs of a shape kept for its medians
 
 
 @dataclass(slots=True)
@@ -136,8 +148,11 @@ class Batcher:
     #: inputs, to run, and to split the outputs.
     on_batch: Callable[[int, int, int, int, int], None] | None = None
     #: A lone one-row request on an idle batcher runs on the loop when its shape's one-row runs
-    #: average under this many ns (0: never; see the module docstring).
+    #: take under this many ns, by their median (0: never; see the module docstring).
     inline_ns: int = 0
+    #: On a process confined to one CPU: a batch expected to run under this many ns runs on the
+    #: loop at any load (0: never; see the module docstring).
+    one_cpu_ns: int = 0
 
     def __post_init__(self) -> None:
         self._queues: tuple[deque[Pending], deque[Pending]] = (deque(), deque())  # online, jobs
@@ -149,8 +164,11 @@ class Batcher:
         self._idle.set()
         self._reserved = 0  # slots held by Reservations
         self._room_waiters: deque[RoomWaiter] = deque()
-        self._inlining = self.inline_ns > 0 and self.max_batch_size > 0
-        self._lone_runs: dict[tuple, deque[int]] = {}  # batch key -> its recent one-row runs
+        self._one_cpu = self.one_cpu_ns > 0 and self.max_batch_size > 0
+        self._inlining = self._one_cpu or (self.inline_ns > 0 and self.max_batch_size > 0)
+        self._runs: dict[tuple, deque[tuple[int, int]]] = {}  # batch key -> recent (rows, ns)
+        self._pump_due = False  # one-CPU: a pump is scheduled for the end of this turn
+        self._fresh: list[Pending] = []  # one-CPU: queued since that pump was scheduled
         self._last_batch = 0  # requests in the batch launched last
         self._launched_this_turn = False  # a batch started in this turn of the event loop
 
@@ -238,10 +256,31 @@ class Batcher:
                        gone)  # fmt: skip
         self._queues[priority].append(item)
         self._idle.clear()
+        if self._one_cpu:  # dispatched with the rest of this turn's requests
+            self._fresh.append(item)
+            self._pump_soon()
+            return item
         self._pump()
         if not item.taken:  # dispatched at once needs no timer
             item.timer = loop.call_later(timeout_s, self._expire, item)
         return item
+
+    def _pump_soon(self) -> None:
+        """One-CPU: pump at the end of this turn of the loop (once however many requests came)."""
+        if not self._pump_due:
+            self._pump_due = True
+            assert self._loop is not None
+            self._loop.call_soon(self._pump_due_now)
+
+    def _pump_due_now(self) -> None:
+        self._pump_due = False
+        self._pump()
+        fresh, self._fresh = self._fresh, []
+        loop, now = self._loop, time.perf_counter()
+        assert loop is not None
+        for item in fresh:  # still waiting: its queue timeout starts counting now
+            if not item.taken and not item.future.done():
+                item.timer = loop.call_later(item.deadline - now, self._expire, item)
 
     def cancel(self, item: Pending) -> None:
         """Take back a request that is still queued: it is never run."""
@@ -285,8 +324,8 @@ class Batcher:
                     self._fill_later(wait)
                     return
             batch = self._take()
-            if batch:
-                self._launch(batch)
+            if batch and self._launch(batch) and self._one_cpu:
+                break  # ran on the loop: the next once its answers are out (`_next_batch`)
         self._settle_idle()
         if self._room_waiters:
             self._offer_room()
@@ -345,8 +384,9 @@ class Batcher:
             _untime(item)
         return batch
 
-    def _launch(self, batch: list[Pending]) -> None:
-        """Run one batch in a worker thread; `_finish` picks it up on the loop."""
+    def _launch(self, batch: list[Pending]) -> bool:
+        """Run one batch in a worker thread, `_finish` picking it up on the loop, or on the loop
+        itself (True; see `_inline`)."""
         loop = self._loop
         assert loop is not None
         start = time.perf_counter()
@@ -357,31 +397,38 @@ class Batcher:
                 inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
             input_ns = int((time.perf_counter() - start) * 1e9)
             inline = self._inlining and self._inline(batch)
-            if self._inlining:
+            if self._inlining and not self._one_cpu:
                 self._note_launch(len(batch))
             if inline:
                 self._inflight += 1
                 self._finish(batch, start, input_ns, self._run_here(inputs))
-                return
+                return True
             work = self.executor.submit(self._timed_run, inputs)
         except Exception as exc:  # nothing was started: every caller of the batch learns why
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)
-            return
+            return False
         self._inflight += 1
         work.add_done_callback(
             lambda done: loop.call_soon_threadsafe(self._finish, batch, start, input_ns, done)
         )
+        return False
 
     def _inline(self, batch: list[Pending]) -> bool:
         """Whether this batch runs on the loop (see the module docstring)."""
+        runs = self._runs.get(batch[0].key)
+        if runs is None:  # a shape never run: the thread, to measure it
+            return False
+        if self._one_cpu:
+            per_row = sorted(ns // rows for rows, ns in runs)[len(runs) // 2]
+            return per_row * sum(p.rows for p in batch) < self.one_cpu_ns
         if self._inflight or self.depth or self._launched_this_turn or self._last_batch != 1:
             return False
         if len(batch) != 1 or batch[0].rows != 1:
             return False
-        runs = self._lone_runs.get(batch[0].key)
-        return runs is not None and sorted(runs)[len(runs) // 2] < self.inline_ns  # the median
+        lone = sorted(ns for rows, ns in runs if rows == 1)
+        return bool(lone) and lone[len(lone) // 2] < self.inline_ns  # the median
 
     def _note_launch(self, requests: int) -> None:
         self._last_batch = requests
@@ -423,10 +470,10 @@ class Batcher:
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)
-            self._pump()
+            self._next_batch()
             return
-        if rows == 1 and self._inlining:
-            self._measure_lone(batch[0].key, infer_ns)
+        if self._inlining:
+            self._measure(batch[0].key, rows, infer_ns)
         split = time.perf_counter()
         offset = 0
         for item in batch:
@@ -440,14 +487,22 @@ class Batcher:
         if self.on_batch:
             output_ns = int((time.perf_counter() - split) * 1e9)
             self.on_batch(len(batch), rows, input_ns, infer_ns, output_ns)
-        self._pump()
+        self._next_batch()
 
-    def _measure_lone(self, key: tuple, infer_ns: int) -> None:
-        """Note a one-row run's time (the last few per shape, for `_inline`'s median; a few dozen
-        shapes kept)."""
-        runs = self._lone_runs.get(key)
+    def _next_batch(self) -> None:
+        """After a batch: start what can start (one-CPU: once its answers have gone out)."""
+        if self._one_cpu:
+            assert self._loop is not None
+            self._loop.call_soon(self._pump_soon)
+        else:
+            self._pump()
+
+    def _measure(self, key: tuple, rows: int, infer_ns: int) -> None:
+        """Note a run's rows and time (the last few per shape, for `_inline`'s medians; a few
+        dozen shapes kept)."""
+        runs = self._runs.get(key)
         if runs is None:
-            if len(self._lone_runs) >= MAX_LONE_SHAPES:
+            if len(self._runs) >= MAX_SHAPES:
                 return
-            runs = self._lone_runs[key] = deque(maxlen=LONE_RUNS)
-        runs.append(infer_ns)
+            runs = self._runs[key] = deque(maxlen=RECENT_RUNS)
+        runs.append((rows, infer_ns))

@@ -117,6 +117,11 @@ def _serve_flags(s: argparse.ArgumentParser) -> None:
         help="run a lone one-row request to an idle model on the event loop when the model's "
         "one-row runs take under this (default 200; 0: never)",
     )  # fmt: skip
+    s.add_argument(
+        "--one-cpu-inline-ms", type=float, metavar="MS",
+        help="on a process confined to one CPU, run batches expected to take under this on the "
+        "event loop, at any load (default 5; 0: never)",
+    )  # fmt: skip
     s.add_argument("--max-body-bytes", type=int)
     s.add_argument("--max-json-body-bytes", type=int, help="JSON bodies (default 2 MiB)")
     s.add_argument("--max-rows", type=int, help="rows per request (default 4096)")

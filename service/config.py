@@ -99,6 +99,13 @@ class Settings(BaseSettings):
         description="A lone one-row request to an idle model whose one-row runs take under this "
         "runs on the event loop, sparing two thread hops (0: always in the model's thread).",
     )
+    one_cpu_inline_ms: float = Field(
+        default=5.0,
+        ge=0,
+        description="On a process that may run on one CPU only (taskset, a Kubernetes CPU set), a "
+        "batch expected to take under this runs on the event loop at any load: no thread runs "
+        "beside the loop there, so handing it to one only costs context switches (0: never).",
+    )
     default_batching: BatchingOverride = Field(default_factory=BatchingOverride)
     model_overrides: dict[str, BatchingOverride] = Field(default_factory=dict)
 

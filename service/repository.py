@@ -43,7 +43,7 @@ from service.model_config import (
     read_config_doc,
     version_dirs,
 )
-from service.runtime import ModelRuntime, RuntimeOptions
+from service.runtime import ModelRuntime, RuntimeOptions, available_cores
 from service.stats import ModelStats
 from service.validation import Limits, resolve_limits
 from service.versions import parse_version
@@ -558,6 +558,13 @@ class Repository:
             metrics.batch(rows, infer_ns / 1e9)
             stats.batch(requests, rows, input_ns, infer_ns, out_ns)
 
+        # on a GPU, CUDA state is per thread: the loop would set up its own on first use
+        inline_us = 0.0 if runtime.on_gpu else self.settings.inline_compute_us
+        one_cpu = not runtime.on_gpu and available_cores() == 1
+        one_cpu_ms = self.settings.one_cpu_inline_ms if one_cpu else 0.0
+        if one_cpu_ms:
+            log.info("%s version %d: one CPU: batches expected to take under %g ms run on the "
+                     "event loop", name, version, one_cpu_ms)  # fmt: skip
         batcher = Batcher(
             run=runtime.run,
             executor=executor,
@@ -567,8 +574,8 @@ class Repository:
             timeout_ms=batching.timeout_ms,
             instances=instances,
             on_batch=on_batch,
-            # on a GPU, CUDA state is per thread: the loop would set up its own on first use
-            inline_ns=0 if runtime.on_gpu else int(self.settings.inline_compute_us * 1000),
+            inline_ns=int(inline_us * 1000),
+            one_cpu_ns=int(one_cpu_ms * 1e6),
         )
         return LoadedModel(
             name, version, config, batching, instances, runtime, batcher, metrics, executor,

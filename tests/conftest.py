@@ -67,14 +67,16 @@ def run_server(
     *args: str,
     env: dict[str, str] | None = None,
     grpc: bool = False,
+    cpus: str | None = None,
 ) -> Iterator[Server]:
     """`onnxserve serve` in a subprocess on a free loopback port, until ready; stopped after.
-    gRPC is off unless `grpc` (then on a free port too: `Server.grpc`)."""
+    gRPC is off unless `grpc` (then on a free port too: `Server.grpc`); `cpus`: pinned there
+    with taskset."""
     port = free_port()
     grpc_port = next(p for p in iter(free_port, None) if p != port) if grpc else 0
     log = tmp / f"server-{port}.log"
     cmd = serve_command(repository, *args, port=port, grpc_port=grpc_port)
-    process = serverproc.start(cmd, log, env=env)
+    process = serverproc.start(cmd, log, env=env, cpus=cpus)
     server = Server(f"http://127.0.0.1:{port}", process, log)
     if grpc:
         server.grpc = f"127.0.0.1:{grpc_port}"

@@ -336,3 +336,60 @@ async def test_one_slow_run_does_not_send_the_next_lone_requests_to_the_thread()
     model.where.clear()
     await b.submit(row(6))
     assert model.where != ["MainThread"]
+
+
+async def test_on_one_cpu_batches_run_on_the_loop_at_any_load_and_still_merge():
+    """One CPU (`one_cpu_ns`): a measured shape's batches run on the loop, each made of every
+    request queued in the same turn, and the next only after the last one's answers are out."""
+    model = FakeModel()
+    b = make(model, max_batch_size=8, one_cpu_ns=10**9)
+    await b.submit(row(0))  # a shape never run: the thread, to measure it
+    assert model.where[0] != "MainThread"
+    answered: list[int] = []
+    runs_seen: list[int] = []
+
+    async def call(i: int) -> None:
+        await b.submit(row(i))
+        answered.append(i)
+        runs_seen.append(len(model.calls))
+
+    await asyncio.gather(*(call(i) for i in range(1, 21)))  # twenty in one turn
+    assert model.calls[1:] == [8, 8, 4]  # merged, at most max_batch_size rows each
+    assert set(model.where[1:]) == {"MainThread"}
+    # every caller of a batch heard back before the next batch ran
+    assert runs_seen == [2] * 8 + [3] * 8 + [4] * 4
+
+
+async def test_on_one_cpu_a_batch_expected_to_run_long_goes_to_the_thread():
+    model = FakeModel(delay=0.02)  # 20 ms a run, 20 ms a row
+    b = make(model, max_batch_size=8, one_cpu_ns=50_000_000)  # 50 ms
+    await b.submit(row(0))
+    await b.submit(row(1))  # 1 row x 20 ms: the loop
+    await asyncio.gather(*(b.submit(row(i)) for i in range(4)))  # 4 rows x 20 ms: the thread
+    assert model.where[1] == "MainThread" and model.where[2] != "MainThread"
+    assert model.calls == [1, 1, 4]
+
+
+async def test_on_one_cpu_requests_left_waiting_keep_their_queue_timeout():
+    """Dispatch waits for the end of the turn; a request that then still waits (its batcher's
+    instance is busy) gets its timer and times out like any other."""
+    model = FakeModel()
+    model.gate.clear()  # the first, unmeasured run holds the only instance
+    b = make(model, max_batch_size=8, one_cpu_ns=10**9, timeout_ms=50)
+    first = asyncio.ensure_future(b.submit(row(0)))
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueTimeout):
+        await b.submit(row(1))
+    model.gate.set()
+    await first
+
+
+async def test_on_one_cpu_a_long_queue_drains_without_recursion():
+    """Each batch on the loop is followed by the next through the loop, not by a nested call:
+    thousands of queued one-row batches (a model without merging) all finish."""
+    model = FakeModel()
+    b = make(model, max_batch_size=1, one_cpu_ns=10**9, max_queue_size=5000)
+    await b.submit(row(0))
+    results = await asyncio.gather(*(b.submit(row(i)) for i in range(3000)))
+    assert len(results) == 3000 and model.calls == [1] * 3001
+    assert model.where.count("MainThread") == 3000

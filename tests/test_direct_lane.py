@@ -15,6 +15,7 @@ import pytest
 
 from service.codec import encode_request
 from tests.conftest import run_server
+from tests.test_server import _metric, reference
 
 pytestmark = pytest.mark.e2e
 
@@ -279,3 +280,38 @@ def test_sigterm_answers_a_retry_that_waits_unread(repository, tmp_path):
             assert Reader(sock).response()[0] == 200
             sock.close()
         assert srv.process.wait(timeout=30) == 0
+
+
+def test_on_one_cpu_batches_run_on_the_loop_and_a_burst_still_merges(repository, tmp_path):
+    """A server confined to one CPU says that its batches run on the event loop; 64 requests
+    sent at once on 64 connections each get their own answer, and they share batches (a batch
+    run the moment its request was read would leave one execution per request)."""
+    with run_server(repository, tmp_path, "--models", "cnn", cpus="0") as srv:
+        assert "one CPU: batches expected to take under 5 ms run on the event loop" in srv.output()
+        first, _ = _cnn_request("warm", 0)  # the shape's first run, in the thread, measures it
+        with _connect(srv.url) as sock:
+            sock.sendall(_post("/v2/models/cnn/infer", first))
+            assert Reader(sock).response()[0] == 200
+        before = httpx.get(f"{srv.url}/metrics").text
+        requests = [_cnn_request(f"r{i}", i) for i in range(64)]
+        socks = [_connect(srv.url) for _ in requests]
+        for sock, (body, _) in zip(socks, requests, strict=True):
+            sock.sendall(_post("/v2/models/cnn/infer", body))
+        answers = []
+        for sock in socks:
+            with sock:
+                answers.append(Reader(sock).response())
+        after = httpx.get(f"{srv.url}/metrics").text
+    want = reference(repository, "cnn", np.concatenate([x for _, x in requests]))
+    for i, (status, _, body) in enumerate(answers):
+        assert status == 200, body
+        doc = orjson.loads(body)
+        assert doc["id"] == f"r{i}"
+        got = {o["name"]: o["data"] for o in doc["outputs"]}
+        assert got["label"] == [int(want["label"][i])]
+        np.testing.assert_allclose(got["probabilities"], want["probabilities"][i], atol=1e-6)
+    rows, execs = (
+        _metric(after, name, "cnn") - _metric(before, name, "cnn")
+        for name in ("onnxserve_inference_count_total", "onnxserve_inference_exec_count_total")
+    )
+    assert rows == 64 and execs < rows, (rows, execs)
