@@ -2,17 +2,17 @@
 
 Contract for `run`: given a dict of input arrays whose first axis holds N rows, return a dict of
 output arrays whose first axis holds the same N rows in the same order. `run` executes in a
-worker thread of `executor` (ONNX Runtime releases the GIL), with one exception for light load:
+worker thread of `executor` (ONNX Runtime releases the GIL), with two exceptions. At light load,
 a lone one-row request runs on the event loop itself when that input shape's one-row runs take
-under `inline_ns` (the median of its last runs, so that one slow run, a page fault or a busy
-neighbour, does not send the next ones to the thread; the two thread hops cost more than a run
-that small: the loop is held no longer than one request's parsing holds it). Only when nothing
-else is queued or in flight, the last batch was a lone request too, and no batch started earlier
-in the same turn of the loop: under load, requests that arrive together (one turn's reads) go to
-the thread and merge, and merged batches keep the next ones off the loop, so batching is never
-traded away.
+under `inline_ns` (the median of those among its last runs, so that one slow run, a page fault
+or a busy neighbour, does not send the next ones to the thread; the two thread hops cost more
+than a run that small: the loop is held no longer than one request's parsing holds it). Only
+when nothing else is queued or in flight, the last batch was a lone request too, and no batch
+started earlier in the same turn of the loop: under load, requests that arrive together (one
+turn's reads) go to the thread and merge, and merged batches keep the next ones off the loop, so
+batching is never traded away.
 
-On a process that may run on one CPU only (`one_cpu_ns`, set by the caller from the process's
+And on a process that may run on one CPU only (`one_cpu_ns`, set by the caller from the process's
 CPU affinity), no thread can run beside the loop, so a worker thread buys no parallelism; its
 hops cost context switches, GIL hand-overs and cold caches (~8 futex calls a batch). There every
 batch expected to run under `one_cpu_ns` (its rows times the median time a row of that shape
@@ -278,7 +278,7 @@ class Batcher:
         fresh, self._fresh = self._fresh, []
         loop, now = self._loop, time.perf_counter()
         assert loop is not None
-        for item in fresh:  # still waiting: its queue timeout starts counting now
+        for item in fresh:  # still waiting: now it needs its queue-timeout timer
             if not item.taken and not item.future.done():
                 item.timer = loop.call_later(item.deadline - now, self._expire, item)
 
