@@ -4,13 +4,13 @@ Contract for `run`: given a dict of input arrays whose first axis holds N rows, 
 output arrays whose first axis holds the same N rows in the same order. `run` executes in a
 worker thread of `executor` (ONNX Runtime releases the GIL), with two exceptions. At light load,
 a lone one-row request runs on the event loop itself when that input shape's one-row runs take
-under `inline_ns` (the median of those among its last runs, so that one slow run, a page fault
-or a busy neighbour, does not send the next ones to the thread; the two thread hops cost more
-than a run that small: the loop is held no longer than one request's parsing holds it). Only
-when nothing else is queued or in flight, the last batch was a lone request too, and no batch
-started earlier in the same turn of the loop: under load, requests that arrive together (one
-turn's reads) go to the thread and merge, and merged batches keep the next ones off the loop, so
-batching is never traded away.
+under `inline_ns` (the median of its last runs, so that one slow run, a page fault or a busy
+neighbour, does not send the next ones to the thread; the two thread hops cost more than a run
+that small: the loop is held no longer than one request's parsing holds it). Only when nothing
+else is queued or in flight, the last batch was a lone request too, and no batch started earlier
+in the same turn of the loop: under load, requests that arrive together (one turn's reads) go to
+the thread and merge, and merged batches keep the next ones off the loop, so batching is never
+traded away.
 
 And on a process that may run on one CPU only (`one_cpu_ns`, set by the caller from the process's
 CPU affinity), no thread can run beside the loop, so a worker thread buys no parallelism; its
@@ -56,7 +56,7 @@ ONLINE, BACKGROUND = 0, 1
 #: dispatched in its own `submit` runs (it never waited).
 LATE_S = 0.001
 MAX_SHAPES = 64
-RECENT_RUNS = 9  # runs of a shape kept for its medians
+RECENT_RUNS = 9  # runs of a shape its median is taken over
 
 
 @dataclass(slots=True)
@@ -166,9 +166,11 @@ class Batcher:
         self._room_waiters: deque[RoomWaiter] = deque()
         self._one_cpu = self.one_cpu_ns > 0 and self.max_batch_size > 0
         self._inlining = self._one_cpu or (self.inline_ns > 0 and self.max_batch_size > 0)
-        self._runs: dict[tuple, deque[tuple[int, int]]] = {}  # batch key -> recent (rows, ns)
+        # batch key -> its recent one-row run times (on one CPU: every run's time per row)
+        self._runs: dict[tuple, deque[int]] = {}
         self._pump_due = False  # one-CPU: a pump is scheduled for the end of this turn
         self._fresh: list[Pending] = []  # one-CPU: queued since that pump was scheduled
+        self._held = False  # one-CPU: a batch's answers are not out yet; no pump until they are
         self._last_batch = 0  # requests in the batch launched last
         self._launched_this_turn = False  # a batch started in this turn of the event loop
 
@@ -274,13 +276,16 @@ class Batcher:
 
     def _pump_due_now(self) -> None:
         self._pump_due = False
-        self._pump()
-        fresh, self._fresh = self._fresh, []
-        loop, now = self._loop, time.perf_counter()
-        assert loop is not None
-        for item in fresh:  # still waiting: now it needs its queue-timeout timer
-            if not item.taken and not item.future.done():
-                item.timer = loop.call_later(item.deadline - now, self._expire, item)
+        try:
+            if not self._held:
+                self._pump()
+        finally:
+            fresh, self._fresh = self._fresh, []
+            loop, now = self._loop, time.perf_counter()
+            assert loop is not None
+            for item in fresh:  # still waiting: now it needs its queue-timeout timer
+                if not item.taken and not item.future.done():
+                    item.timer = loop.call_later(item.deadline - now, self._expire, item)
 
     def cancel(self, item: Pending) -> None:
         """Take back a request that is still queued: it is never run."""
@@ -420,15 +425,12 @@ class Batcher:
         runs = self._runs.get(batch[0].key)
         if runs is None:  # a shape never run: the thread, to measure it
             return False
-        if self._one_cpu:
-            per_row = sorted(ns // rows for rows, ns in runs)[len(runs) // 2]
-            return per_row * sum(p.rows for p in batch) < self.one_cpu_ns
+        median = sorted(runs)[len(runs) // 2]
+        if self._one_cpu:  # an estimate: a run's fixed cost makes it high for large batches
+            return median * sum(p.rows for p in batch) < self.one_cpu_ns
         if self._inflight or self.depth or self._launched_this_turn or self._last_batch != 1:
             return False
-        if len(batch) != 1 or batch[0].rows != 1:
-            return False
-        lone = sorted(ns for rows, ns in runs if rows == 1)
-        return bool(lone) and lone[len(lone) // 2] < self.inline_ns  # the median
+        return len(batch) == 1 and batch[0].rows == 1 and median < self.inline_ns
 
     def _note_launch(self, requests: int) -> None:
         self._last_batch = requests
@@ -472,8 +474,10 @@ class Batcher:
                     item.future.set_exception(exc)
             self._next_batch()
             return
-        if self._inlining:
-            self._measure(batch[0].key, rows, infer_ns)
+        if self._one_cpu:
+            self._measure(batch[0].key, infer_ns // max(rows, 1))
+        elif rows == 1 and self._inlining:
+            self._measure(batch[0].key, infer_ns)
         split = time.perf_counter()
         offset = 0
         for item in batch:
@@ -490,19 +494,26 @@ class Batcher:
         self._next_batch()
 
     def _next_batch(self) -> None:
-        """After a batch: start what can start (one-CPU: once its answers have gone out)."""
+        """After a batch: start what can start; on one CPU, two turns later, once the batch's
+        answers are out (their callbacks run in the next turn, and the transports write at the
+        end of that), whatever is queued meanwhile."""
         if self._one_cpu:
+            self._held = True
             assert self._loop is not None
-            self._loop.call_soon(self._pump_soon)
+            self._loop.call_soon(self._loop.call_soon, self._release)
         else:
             self._pump()
 
-    def _measure(self, key: tuple, rows: int, infer_ns: int) -> None:
-        """Note a run's rows and time (the last few per shape, for `_inline`'s medians; a few
-        dozen shapes kept)."""
+    def _release(self) -> None:
+        self._held = False
+        self._pump()
+
+    def _measure(self, key: tuple, ns: int) -> None:
+        """Note a run's time (the last few per shape, for `_inline`'s median; a few dozen
+        shapes kept)."""
         runs = self._runs.get(key)
         if runs is None:
             if len(self._runs) >= MAX_SHAPES:
                 return
             runs = self._runs[key] = deque(maxlen=RECENT_RUNS)
-        runs.append((rows, infer_ns))
+        runs.append(ns)

@@ -361,13 +361,48 @@ async def test_on_one_cpu_batches_run_on_the_loop_at_any_load_and_still_merge():
 
 
 async def test_on_one_cpu_a_batch_expected_to_run_long_goes_to_the_thread():
-    model = FakeModel(delay=0.02)  # 20 ms a run, 20 ms a row
-    b = make(model, max_batch_size=8, one_cpu_ns=50_000_000)  # 50 ms
+    model = FakeModel(delay=0.02)  # 20 ms a run: 20 ms a row, measured on one row
+    b = make(model, max_batch_size=8, one_cpu_ns=100_000_000)  # 100 ms
     await b.submit(row(0))
     await b.submit(row(1))  # 1 row x 20 ms: the loop
-    await asyncio.gather(*(b.submit(row(i)) for i in range(4)))  # 4 rows x 20 ms: the thread
+    await asyncio.gather(*(b.submit(row(i)) for i in range(8)))  # 8 rows x 20 ms: the thread
     assert model.where[1] == "MainThread" and model.where[2] != "MainThread"
-    assert model.calls == [1, 1, 4]
+    assert model.calls == [1, 1, 8]
+
+
+async def test_on_one_cpu_requests_queued_during_a_batch_wait_until_its_answers_are_out():
+    """What arrives while a batch runs on the loop (here: queued from inside the run) goes in the
+    next batch, which starts only after the first batch's callers have had their answers and the
+    turn after that (when transports write) has come."""
+    loop = asyncio.get_running_loop()
+    events: list[str] = []
+    b: Batcher
+
+    class Model(FakeModel):
+        def __call__(self, inputs):
+            events.append(f"run {inputs['x'].shape[0]}")
+            if len(self.calls) == 1:  # the second run, on the loop: two more requests come in
+                for i in (8, 9):
+                    watch(b.enqueue(row(i)).future, i)
+            return super().__call__(inputs)
+
+    def watch(future: asyncio.Future, i: int) -> None:
+        def answered(_: asyncio.Future) -> None:
+            events.append(f"answer {i}")
+            loop.call_soon(events.append, f"written {i}")  # as the transports write
+
+        future.add_done_callback(answered)
+
+    b = make(Model(), max_batch_size=8, one_cpu_ns=10**9)
+    await b.submit(row(0))  # measured
+    events.clear()
+    items = [b.enqueue(row(i)) for i in (1, 2, 3)]
+    for i, item in zip((1, 2, 3), items, strict=True):
+        watch(item.future, i)
+    await asyncio.sleep(0.05)
+    assert events[0] == "run 3" and events[-1] == "written 9", events
+    second = events.index("run 2")
+    assert {"written 1", "written 2", "written 3"} <= set(events[:second]), events
 
 
 async def test_on_one_cpu_requests_left_waiting_keep_their_queue_timeout():
