@@ -560,7 +560,7 @@ class Repository:
 
         # on a GPU, CUDA state is per thread: the loop would set up its own on first use
         inline_us = 0.0 if runtime.on_gpu else self.settings.inline_compute_us
-        one_cpu = not runtime.on_gpu and available_cores() == 1
+        one_cpu = not runtime.on_gpu and batching.max_batch_size > 0 and available_cores() == 1
         one_cpu_ms = self.settings.one_cpu_inline_ms if one_cpu else 0.0
         if one_cpu_ms:
             log.info("%s version %d: one CPU: batches expected to take under %g ms run on the "
