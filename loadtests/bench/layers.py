@@ -37,7 +37,7 @@ from loadtests.bench.cells import CellSpec
 from loadtests.bench.cpu import process_ticks
 from loadtests.bench.measure import write_manifest
 from loadtests.bench.models import load_model_info
-from loadtests.bench.stages import write_results
+from loadtests.bench.render import write_results
 from loadtests.bench.wrk import ensure_wrk, parse_wrk_output, run_wrk
 from loadtests.serverproc import ROOT, free_port, serve_command, serving
 from service.codec import HEADER_LENGTH, decode_request

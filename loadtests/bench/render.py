@@ -234,3 +234,11 @@ def write_reports(results: dict[str, Any], out: Path, docs: Path | None) -> None
     if docs is not None:
         docs.parent.mkdir(parents=True, exist_ok=True)
         docs.write_text(render_docs(results) + _kept_scale_section(docs))
+
+
+def write_results(out: Path, results: dict[str, Any], table: str) -> None:
+    """The results as JSON at `out` and their markdown table beside it (printed too)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(table)
+    print(table)

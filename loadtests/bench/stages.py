@@ -21,7 +21,6 @@ rest of the main thread is the event loop itself (uvloop, epoll, socket reads in
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -37,6 +36,7 @@ from loadtests.bench.cells import CellSpec
 from loadtests.bench.cpu import main_thread_ticks, process_ticks
 from loadtests.bench.measure import write_manifest
 from loadtests.bench.models import load_model_info
+from loadtests.bench.render import write_results
 from loadtests.bench.wrk import parse_wrk_output, run_wrk
 from loadtests.serverproc import ROOT, free_port, serve_command, serving
 
@@ -219,14 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_results(args.out, results, render(results))
     return 0
-
-
-def write_results(out: Path, results: dict[str, Any], table: str) -> None:
-    """The results as JSON at `out` and their markdown table beside it (printed too)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    out.with_suffix(".md").write_text(table)
-    print(table)
 
 
 if __name__ == "__main__":
